@@ -1,0 +1,10 @@
+"""`inductor`: torch.compile of the rewritten graph, whole graph, static shapes; CUDA graphs on GPU."""
+import torch
+from torch import fx
+
+
+def lower(module: fx.GraphModule):
+    """Compile lazily (on first call) with Inductor; on CUDA, replay decode steps as CUDA graphs."""
+    on_cuda = any(p.is_cuda for p in module.parameters())
+    return torch.compile(module, backend="inductor", fullgraph=True, dynamic=False,
+                         mode="reduce-overhead" if on_cuda else None)

@@ -1,0 +1,67 @@
+"""Rewriting helpers shared by passes: install the cached-attention op at a site, re-root position subgraphs."""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from torch import fx
+
+from kvcompile.cache import CacheLayout, KVState, StateSpec
+from kvcompile.errors import UnsupportedModelError
+from kvcompile.graph.sites import AttentionSite, CacheState
+import kvcompile.ops.cached_attention  # noqa: F401  (registers torch.ops.kvcompile.cached_attention)
+
+aten = torch.ops.aten
+_HEAVY = {aten.linear.default, aten.matmul.default, aten.mm.default, aten.bmm.default, aten.embedding.default,
+          aten.scaled_dot_product_attention.default}
+
+
+def install_cached_attention(graph: fx.Graph, state: KVState, positions: fx.Node, site: AttentionSite,
+                             layout: CacheLayout, q_sink: Optional[fx.Node] = None) -> fx.Node:
+    """Replace `site`'s attention by `kvcompile::cached_attention` over new cache buffers of `layout`."""
+    dtype = site.key.meta["val"].dtype
+    targets = {}
+    for role in ("keys", "values", "positions"):
+        spec = StateSpec(f"layer{site.layer}_{role}", role, layout, site.num_kv_heads, site.head_dim,
+                         torch.long if role == "positions" else dtype)
+        targets[role] = state.declare(spec)
+    with graph.inserting_before(site.output):
+        buffers = {role: graph.get_attr(target) for role, target in targets.items()}
+        out = graph.call_function(torch.ops.kvcompile.cached_attention.default, (
+            site.query, q_sink, site.key, site.value, buffers["keys"], buffers["values"], buffers["positions"],
+            positions, layout.sink_tokens, layout.window_tokens, site.scale))
+    out.meta["val"] = site.output.meta.get("val")
+    site.output.replace_all_uses_with(out)
+    site.cache = CacheState(targets, out, layout.describe())
+    return out
+
+
+def first_compute_node(graph: fx.Graph) -> fx.Node:
+    """The first node after the placeholders and attribute reads (where new shared nodes go)."""
+    return next(n for n in graph.nodes if n.op not in ("placeholder", "get_attr"))
+
+
+def reroot(node: fx.Node, old: fx.Node, new: fx.Node, dependent: set[fx.Node], memo: dict[fx.Node, fx.Node],
+           before: fx.Node) -> fx.Node:
+    """A copy of `node` computed from `new` wherever it was computed from `old`, inserted before `before`.
+
+    Only nodes in `dependent` (those that depend on `old`) are copied; `memo` shares copies across calls, so
+    e.g. one rotary cos/sin recomputation serves every layer. Copying a projection or an attention means the
+    positions feed the hidden states, which this rewrite does not support.
+    """
+    if node is old:
+        return new
+    if node not in dependent:
+        return node
+    if node not in memo:
+        if node.target in _HEAVY:
+            raise UnsupportedModelError(
+                f"positions reach the queries through '{node.name}' ({node.target}), not only through rotary "
+                "embeddings; re-assigning positions needs a rotary (RoPE) model.")
+        args = fx.map_arg(node.args, lambda a: reroot(a, old, new, dependent, memo, before))
+        kwargs = fx.map_arg(node.kwargs, lambda a: reroot(a, old, new, dependent, memo, before))
+        with node.graph.inserting_before(before):
+            copy = node.graph.call_function(node.target, args, kwargs)
+        copy.meta = dict(node.meta)
+        memo[node] = copy
+    return memo[node]

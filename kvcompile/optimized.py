@@ -1,0 +1,113 @@
+"""`optimize()` and the program it returns: rewritten prefill/decode steps over shared cache state."""
+from __future__ import annotations
+
+from typing import Optional, Union
+
+import torch
+from torch import nn
+
+from kvcompile import backends
+from kvcompile.cache import KVState
+from kvcompile.capture import check_capturable, model_device_dtype
+from kvcompile.errors import InputError, KVCompileError
+from kvcompile.passes.base import Pass, StepGraph, resolve
+from kvcompile.program import build_step
+from kvcompile.runtime import generate as runtime
+
+
+class OptimizedModel:
+    """A decoder whose attention was rewritten by passes; generates and scores through its own KV cache."""
+
+    def __init__(self, model: nn.Module, passes: list[Pass], backend: str, prefill_chunk: int,
+                 max_cache_len: Optional[int], max_batch_size: Optional[int]):
+        self.passes = passes
+        self.backend = backend
+        self.prefill_chunk = prefill_chunk
+        self.max_cache_len = max_cache_len
+        self.max_batch_size = max_batch_size
+        self.device, self.dtype = model_device_dtype(model)
+        self.generation_config = getattr(model, "generation_config", None)
+        self.model_name = type(model).__name__
+        self.state = KVState()
+        self.steps: dict[int, StepGraph] = {n: build_step(model, n, passes, self.state)
+                                            for n in sorted({1, prefill_chunk})}
+        self._lowered = {n: backends.lower(step.module, backend) for n, step in self.steps.items()}
+        if max_cache_len is not None:
+            self.reserve(max_batch_size or 1, max_cache_len)
+
+    # --- the StepRunner protocol used by the generate loop -------------------------------------------------
+    def reserve(self, batch: int, max_len: int) -> None:
+        """Size the cache for `batch` rows of at most `max_len` tokens (reusing buffers when pinned)."""
+        if self.max_batch_size is not None and batch > self.max_batch_size:
+            raise InputError(f"batch of {batch} rows exceeds max_batch_size={self.max_batch_size}; split the "
+                             "batch or optimize() with a larger max_batch_size.")
+        if self.max_cache_len is not None:
+            if max_len > self.max_cache_len:
+                raise InputError(
+                    f"prompt plus new tokens need {max_len} cache positions but max_cache_len="
+                    f"{self.max_cache_len}; shorten the prompt or max_new_tokens, or optimize() with a larger "
+                    "max_cache_len (or a streaming pass, whose cache does not grow).")
+            batch, max_len = self.max_batch_size or batch, self.max_cache_len
+        self.state.allocate(batch, max_len, self.device)
+
+    def run_step(self, input_ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        """Logits for one step of new tokens (the prefill chunk or one token per row)."""
+        with torch.no_grad():
+            return self._lowered[input_ids.shape[1]](input_ids, positions)
+
+    # --- user API ------------------------------------------------------------------------------------------
+    def logits_stream(self, input_ids: torch.Tensor, attention_mask: Optional[torch.Tensor] = None,
+                      progress: bool = False):
+        """Teacher-forced logits, yielded as `(start, logits [B, C, V])` chunk by chunk (bounded memory)."""
+        positions = runtime.positions_from_mask(input_ids, attention_mask, self.device)
+        self.reserve(input_ids.shape[0], input_ids.shape[1])
+        yield from runtime.stream_logits(self, input_ids, positions, progress)
+
+    def __call__(self, input_ids: torch.Tensor, attention_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """Teacher-forced logits [B, S, V] for the whole input."""
+        return torch.cat([logits for _, logits in self.logits_stream(input_ids, attention_mask)], dim=1)
+
+    def generate(self, input_ids: torch.Tensor, attention_mask: Optional[torch.Tensor] = None, **kwargs):
+        """Generate like transformers: greedy or sampling, eos, streamer, `return_dict_in_generate`.
+
+        Unset sampling and special-token arguments default to the model's `generation_config`.
+        """
+        config = self.generation_config
+        for name in ("do_sample", "temperature", "top_k", "top_p", "eos_token_id", "pad_token_id"):
+            if kwargs.get(name) is None and config is not None and getattr(config, name, None) is not None:
+                kwargs[name] = getattr(config, name)
+        kwargs = {k: v for k, v in kwargs.items() if v is not None}
+        return runtime.generate(self, input_ids, attention_mask, **kwargs)
+
+    def kv_bytes(self) -> int:
+        """Bytes of KV-cache state currently allocated."""
+        return self.state.kv_bytes()
+
+    def explain(self) -> str:
+        """Each attention site found in the decode graph, and what each pass changed there."""
+        step = self.steps[1]
+        lines = [f"kvcompile: {self.model_name}, {len(step.sites)} attention sites, backend {self.backend}, "
+                 f"passes: {', '.join(p.describe() for p in self.passes)}"]
+        lines += [site.describe() for site in step.sites]
+        return "\n".join(lines)
+
+
+def optimize(model: nn.Module, passes: Union[list, str, Pass] = ("dense",), backend: str = "eager", *,
+             prefill_chunk: int = 128, max_cache_len: Optional[int] = None,
+             max_batch_size: Optional[int] = None) -> OptimizedModel:
+    """Rewrite `model`'s attention with `passes` and lower it with `backend` ("eager" or "inductor").
+
+    Cache sizes are chosen per generate call; `max_cache_len` / `max_batch_size` pin them (for deployment,
+    CUDA graphs and export). The model itself is never modified: on any error nothing has changed.
+    """
+    resolved = resolve(list(passes) if isinstance(passes, tuple) else passes)
+    backends.validate(backend)
+    check_capturable(model)
+    if not isinstance(prefill_chunk, int) or prefill_chunk < 1:
+        raise KVCompileError(f"prefill_chunk must be a positive integer, got {prefill_chunk!r}.")
+    for name, value in (("max_cache_len", max_cache_len), ("max_batch_size", max_batch_size)):
+        if value is not None and (not isinstance(value, int) or value < 1):
+            raise KVCompileError(f"{name} must be a positive integer or None, got {value!r}.")
+    if model.training:
+        raise KVCompileError("the model is in training mode; call model.eval() before optimize().")
+    return OptimizedModel(model, resolved, backend, prefill_chunk, max_cache_len, max_batch_size)

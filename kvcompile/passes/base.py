@@ -1,0 +1,87 @@
+"""The pass interface, the registry of passes by name, and the composition check done at `optimize` time."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import ClassVar, Union
+
+from torch import fx
+
+from kvcompile.cache import KVState
+from kvcompile.errors import PassError
+from kvcompile.graph.sites import AttentionSite
+
+_REGISTRY: dict[str, type["Pass"]] = {}
+
+
+@dataclass
+class StepGraph:
+    """One captured step (a fixed number of new tokens per row) being rewritten by passes."""
+
+    module: fx.GraphModule
+    sites: list[AttentionSite]
+    state: KVState
+    positions: fx.Node
+
+    @property
+    def graph(self) -> fx.Graph:
+        return self.module.graph
+
+
+class Pass:
+    """A rewrite of attention sites. Subclasses are dataclasses holding the method's configuration.
+
+    `axis` names what the pass decides: "storage" (how the cache is kept: dense, ring, evicting, quantized,
+    merged) or "read" (which cached tokens a query reads). Two passes on the same axis conflict.
+    """
+
+    name: ClassVar[str]
+    axis: ClassVar[str]
+    paper: ClassVar[str] = ""
+
+    def validate(self) -> None:
+        """Raise `PassError` for a configuration that cannot work; called by `optimize` before any capture."""
+
+    def apply(self, step: StepGraph) -> None:
+        """Rewrite the sites of `step` in place."""
+        raise NotImplementedError
+
+    def describe(self) -> str:
+        """Short configuration summary for `explain()`."""
+        return repr(self)
+
+
+def register(cls: type[Pass]) -> type[Pass]:
+    """Class decorator: make a pass available by its `name`."""
+    _REGISTRY[cls.name] = cls
+    return cls
+
+
+def available() -> list[str]:
+    """Names of every registered pass."""
+    return sorted(_REGISTRY)
+
+
+def resolve(passes: list[Union[str, Pass]]) -> list[Pass]:
+    """Turn names and configured objects into validated passes, with a storage pass first (dense if none)."""
+    if isinstance(passes, (str, Pass)):
+        passes = [passes]
+    resolved = []
+    for item in passes:
+        if isinstance(item, Pass):
+            resolved.append(item)
+        elif isinstance(item, str) and item.lower() in _REGISTRY:
+            resolved.append(_REGISTRY[item.lower()]())
+        else:
+            raise PassError(f"unknown pass {item!r}; available passes: {', '.join(available())}. Pass a name or "
+                            "a configured object such as kvcompile.passes.StreamingLLM(window_tokens=1020).")
+    by_axis: dict[str, Pass] = {}
+    for p in resolved:
+        p.validate()
+        if p.axis in by_axis:
+            raise PassError(
+                f"passes {by_axis[p.axis].name!r} and {p.name!r} both decide the {p.axis} of the KV cache and "
+                f"cannot be combined; keep one of them.")
+        by_axis[p.axis] = p
+    if "storage" not in by_axis:
+        resolved.insert(0, _REGISTRY["dense"]())
+    return sorted(resolved, key=lambda p: p.axis != "storage")
