@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 import torch
-from torch import nn
+from torch import fx, nn
 
 from kvcompile.cache import KVState
 from kvcompile.capture import capture_step
@@ -10,14 +10,27 @@ from kvcompile.graph.sites import find_attention_sites
 from kvcompile.passes.base import Pass, StepGraph
 
 
-def build_step(model: nn.Module, seq_len: int, passes: list[Pass], state: KVState) -> StepGraph:
-    """Capture `model` for steps of `seq_len` tokens and apply `passes` to every attention site."""
-    module = capture_step(model, seq_len)
+def _plain_graph_module(module: fx.GraphModule) -> fx.GraphModule:
+    """The exported module as a plain `(input_ids, position_ids) -> logits` GraphModule.
+
+    Drops export's input guards, hooks and metadata assertions (the latter would keep the replaced attention's
+    mask computation alive) and its pytree calling convention, which torch.compile cannot trace.
+    """
     graph = module.graph
     for node in list(graph.nodes):
-        # Export's metadata assertions would keep the replaced attention's mask computation alive.
-        if node.target == torch.ops.aten._assert_tensor_metadata.default:
+        if node.target == torch.ops.aten._assert_tensor_metadata.default or node.target == "_guards_fn":
             graph.erase_node(node)
+    output = graph.output_node()
+    (logits,) = output.args[0]
+    output.args = (logits,)
+    graph._codegen = fx.graph.CodeGen()
+    return fx.GraphModule(module, graph, class_name="StepGraphModule")
+
+
+def build_step(model: nn.Module, seq_len: int, passes: list[Pass], state: KVState) -> StepGraph:
+    """Capture `model` for steps of `seq_len` tokens and apply `passes` to every attention site."""
+    module = _plain_graph_module(capture_step(model, seq_len))
+    graph = module.graph
     module.add_submodule("kv_state", state)
     positions = next(n for n in graph.nodes if n.op == "placeholder" and n.name == "position_ids")
     step = StepGraph(module, find_attention_sites(graph), state, positions)

@@ -84,7 +84,13 @@ def _shape(node: fx.Node) -> tuple[int, ...]:
 
 
 def _strip_gqa_repeat(node: fx.Node) -> fx.Node:
-    """`reshape(expand(unsqueeze(x, 2)))` -> x (the repeat_kv of grouped-query attention); else node itself."""
+    """The [B, Hkv, S, D] tensor under a grouped-query repeat of K/V, or `node` itself if there is none.
+
+    Recognised repeats: `reshape(expand(unsqueeze(x, 2)))` (transformers' repeat_kv) and
+    `repeat_interleave(x, G, dim=1)`; both make query head h read KV head h // G.
+    """
+    if node.target == aten.repeat_interleave.self_int and tuple(node.args[2:3]) == (1,):
+        return node.args[0]
     if node.op != "call_function" or node.target not in (aten.reshape.default, aten.view.default,
                                                          aten._unsafe_view.default):
         return node

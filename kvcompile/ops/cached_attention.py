@@ -103,4 +103,4 @@ def cached_attention(q: Tensor, q_sink: Optional[Tensor], k: Tensor, v: Tensor, 
 
 @cached_attention.register_fake
 def _(q, q_sink, k, v, k_cache, v_cache, slot_pos, positions, sink_tokens, window_tokens, scale):
-    return torch.empty_like(q)
+    return q.new_empty(q.shape)  # contiguous, like every implementation
