@@ -49,7 +49,7 @@ def agreement(
     ours_stream = runnable.logits_stream(input_ids, attention_mask)
     theirs_stream = reference.logits_stream(input_ids, attention_mask)
     bar = tqdm(total=input_ids.shape[1], unit="tok", desc="agreement", disable=not progress)
-    with torch.inference_mode(), bar:
+    with torch.no_grad(), bar:
         for start, ours, theirs in aligned_chunks(ours_stream, theirs_stream):
             keep = mask[:, start : start + ours.shape[1]].to(ours.device)
             log_p = F.log_softmax(theirs.float().to(ours.device), dim=-1)[keep]

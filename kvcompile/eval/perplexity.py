@@ -51,7 +51,7 @@ def perplexity(runnable, input_ids: torch.Tensor, *, windows=None, progress: boo
     targets = input_ids[0, 1:]
     nll = torch.empty(seq_len - 1, dtype=torch.float32)
     done = 0
-    with torch.inference_mode(), tqdm(total=seq_len, unit="tok", desc="perplexity", disable=not progress) as bar:
+    with torch.no_grad(), tqdm(total=seq_len, unit="tok", desc="perplexity", disable=not progress) as bar:
         for start, logits in runnable.logits_stream(input_ids):
             if start != done:
                 raise RuntimeError(f"logits_stream jumped to column {start}, expected {done}")

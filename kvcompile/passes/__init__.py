@@ -1,6 +1,6 @@
 """KV-cache passes: each rewrites the attention sites of a captured graph into one variant."""
-from kvcompile.passes.base import Pass, StepGraph, available, register, resolve
+from kvcompile.passes.base import Pass, StepGraph, available, from_spec, register, resolve
 from kvcompile.passes.dense import Dense
 from kvcompile.passes.streamingllm import StreamingLLM
 
-__all__ = ["Pass", "StepGraph", "available", "register", "resolve", "Dense", "StreamingLLM"]
+__all__ = ["Pass", "StepGraph", "available", "from_spec", "register", "resolve", "Dense", "StreamingLLM"]

@@ -1,6 +1,8 @@
 """The pass interface, the registry of passes by name, and the composition check done at `optimize` time."""
 from __future__ import annotations
 
+import ast
+
 from dataclasses import dataclass
 from typing import ClassVar, Union
 
@@ -61,19 +63,45 @@ def available() -> list[str]:
     return sorted(_REGISTRY)
 
 
+def _literal(text: str):
+    """`4` -> 4, `0.5` -> 0.5, `True` -> True; anything else stays a string."""
+    try:
+        return ast.literal_eval(text)
+    except (ValueError, SyntaxError):
+        return text
+
+
+def from_spec(spec: str) -> Pass:
+    """A pass from its name, optionally configured: `"streamingllm"` or `"streamingllm:sink_tokens=4,window_tokens=252"`."""
+    name, _, options = spec.partition(":")
+    cls = _REGISTRY.get(name.strip().lower())
+    if cls is None:
+        raise PassError(f"unknown pass {name!r}; available passes: {', '.join(available())}. Pass a name or "
+                        "a configured object such as kvcompile.passes.StreamingLLM(window_tokens=1020).")
+    kwargs = {}
+    for item in filter(None, (o.strip() for o in options.split(","))):
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise PassError(f"pass option {item!r} in {spec!r} must look like key=value.")
+        kwargs[key.strip()] = _literal(value.strip())
+    try:
+        return cls(**kwargs)
+    except TypeError as error:
+        raise PassError(f"bad options for pass {name!r}: {error}") from None
+
+
 def resolve(passes: list[Union[str, Pass]]) -> list[Pass]:
-    """Turn names and configured objects into validated passes, with a storage pass first (dense if none)."""
+    """Turn names/specs and configured objects into validated passes, storage first (dense if none)."""
     if isinstance(passes, (str, Pass)):
         passes = [passes]
     resolved = []
     for item in passes:
         if isinstance(item, Pass):
             resolved.append(item)
-        elif isinstance(item, str) and item.lower() in _REGISTRY:
-            resolved.append(_REGISTRY[item.lower()]())
+        elif isinstance(item, str):
+            resolved.append(from_spec(item))
         else:
-            raise PassError(f"unknown pass {item!r}; available passes: {', '.join(available())}. Pass a name or "
-                            "a configured object such as kvcompile.passes.StreamingLLM(window_tokens=1020).")
+            raise PassError(f"passes must be names or Pass objects, got {type(item).__name__}.")
     by_axis: dict[str, Pass] = {}
     for p in resolved:
         p.validate()
