@@ -1,0 +1,243 @@
+"""GQA-aware split-K ("flash-decoding") Triton kernel for single-token decode attention.
+
+Same semantics as :func:`kvcompile.ops.decode_reference.decode_attention_reference`:
+cache slots carry token positions (-1 = empty), which serves both a dense cache and a
+StreamingLLM ring cache (attention sinks + sliding window).
+
+Pass 1 runs a grid of (batch, kv head, split). Each program loads the G query heads that
+share one kv head and streams its chunk of slots in blocks of BLOCK_N with an online
+softmax, so K/V are read once per kv head rather than G times. It writes an unnormalised
+partial (running max, running sum, accumulator) to a small fp32 workspace. Pass 2 merges
+the splits of each (batch, query head) row.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+
+import torch
+
+try:
+    import triton
+    import triton.language as tl
+except ImportError:  # the module stays importable; calling the kernel raises instead
+    triton = None
+
+__all__ = ["decode_attention_triton", "triton_available"]
+
+_LOG2E = 1.4426950408889634
+_MAX_SPLITS = 64  # bounds the workspace and the merge tile of pass 2
+_MIN_BLOCKS_PER_SPLIT = 2  # below this the per-program setup and workspace traffic dominate
+_PROGRAMS_PER_SM = 2
+
+
+def triton_available() -> bool:
+    """True when Triton could be imported."""
+    return triton is not None
+
+
+if triton is not None:
+
+    @triton.jit
+    def _decode_split_kernel(
+        Q, QS, K, V, POS, QPOS, WS,
+        stride_qb, stride_qh, stride_qd,
+        stride_sb, stride_sh, stride_sd,
+        stride_kb, stride_kh, stride_kn, stride_kd,
+        stride_vb, stride_vh, stride_vn, stride_vd,
+        stride_pb, stride_pn,
+        N, chunk_len, sink_tokens, window_tokens, qk_scale,
+        G: tl.constexpr, D: tl.constexpr,
+        BLOCK_G: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr,
+        HAS_QSINK: tl.constexpr, WINDOWED: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    ):
+        """Online softmax of the G heads of one kv head over one chunk of slots."""
+        # int64 base offsets: a large cache can pass 2**31 elements.
+        b = tl.program_id(0).to(tl.int64)
+        kvh = tl.program_id(1).to(tl.int64)
+        split = tl.program_id(2)
+
+        offs_g = tl.arange(0, BLOCK_G)
+        offs_d = tl.arange(0, BLOCK_D)
+        heads = kvh * G + offs_g
+        g_mask = offs_g < G
+        d_mask = offs_d < D  # BLOCK_D is D rounded up to a power of two
+        q_mask = g_mask[:, None] & d_mask[None, :]
+
+        q = tl.load(Q + b * stride_qb + heads[:, None] * stride_qh + offs_d[None, :] * stride_qd,
+                    mask=q_mask, other=0.0)
+        if HAS_QSINK:
+            qs = tl.load(
+                QS + b * stride_sb + heads[:, None] * stride_sh + offs_d[None, :] * stride_sd,
+                mask=q_mask, other=0.0)
+        qp = tl.load(QPOS + b)
+
+        m_i = tl.full([BLOCK_G], float("-inf"), tl.float32)
+        l_i = tl.zeros([BLOCK_G], tl.float32)
+        acc = tl.zeros([BLOCK_G, BLOCK_D], tl.float32)
+
+        k_base = K + b * stride_kb + kvh * stride_kh + offs_d[None, :] * stride_kd
+        v_base = V + b * stride_vb + kvh * stride_vh + offs_d[None, :] * stride_vd
+        start = split * chunk_len
+        end = tl.minimum(start + chunk_len, N)
+        for n0 in range(start, end, BLOCK_N):
+            offs_n = n0 + tl.arange(0, BLOCK_N)
+            pos = tl.load(POS + b * stride_pb + offs_n * stride_pn, mask=offs_n < end, other=-1)
+            is_sink = pos < sink_tokens
+            vis = (pos >= 0) & (pos <= qp)
+            if WINDOWED:
+                vis = vis & (is_sink | (pos > qp - window_tokens))
+            # Loads masked by visibility: empty or out-of-window slots cost no bandwidth.
+            kv_mask = vis[:, None] & d_mask[None, :]
+            k = tl.load(k_base + offs_n[:, None] * stride_kn, mask=kv_mask, other=0.0)
+            s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION)
+            if HAS_QSINK:
+                s_sink = tl.dot(qs, tl.trans(k), input_precision=DOT_PRECISION)
+                s = tl.where(is_sink[None, :], s_sink, s)
+            s = tl.where(vis[None, :], s * qk_scale, float("-inf"))
+
+            m_new = tl.maximum(m_i, tl.max(s, 1))
+            # While nothing is visible the max is -inf; shifting by 0 then keeps exp2 at 0
+            # instead of producing NaN from (-inf) - (-inf).
+            m_shift = tl.where(m_new == float("-inf"), 0.0, m_new)
+            alpha = tl.exp2(m_i - m_shift)
+            p = tl.exp2(s - m_shift[:, None])
+            l_i = l_i * alpha + tl.sum(p, 1)
+            v = tl.load(v_base + offs_n[:, None] * stride_vn, mask=kv_mask, other=0.0)
+            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
+            m_i = m_new
+
+        # Workspace: acc [R, D], then max [R], then sum [R], for R = B * Hq * splits rows
+        # ordered (b, head, split).
+        num_splits = tl.num_programs(2)
+        n_rows = tl.num_programs(0) * tl.num_programs(1) * G * num_splits
+        ws_row = (b * (tl.num_programs(1) * G) + heads) * num_splits + split
+        tl.store(WS + ws_row[:, None] * D + offs_d[None, :], acc, mask=q_mask)
+        tl.store(WS + n_rows * D + ws_row, m_i, mask=g_mask)
+        tl.store(WS + n_rows * (D + 1) + ws_row, l_i, mask=g_mask)
+
+    @triton.jit
+    def _decode_merge_kernel(
+        WS, OUT, num_splits,
+        D: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_D: tl.constexpr,
+    ):
+        """Merge the split partials of one (batch, query head) row into the output."""
+        row = tl.program_id(0)
+        offs_s = tl.arange(0, BLOCK_S)
+        offs_d = tl.arange(0, BLOCK_D)
+        s_mask = offs_s < num_splits
+        n_rows = tl.num_programs(0) * num_splits
+        ws_row = row * num_splits + offs_s
+        d_mask = offs_d < D
+
+        acc = tl.load(WS + ws_row[:, None] * D + offs_d[None, :],
+                      mask=s_mask[:, None] & d_mask[None, :], other=0.0)
+        m = tl.load(WS + n_rows * D + ws_row, mask=s_mask, other=float("-inf"))
+        l = tl.load(WS + n_rows * (D + 1) + ws_row, mask=s_mask, other=0.0)
+
+        m_max = tl.max(m, 0)
+        w = tl.exp2(m - tl.where(m_max == float("-inf"), 0.0, m_max))  # empty splits weigh 0
+        l_tot = tl.sum(w * l, 0)
+        out = tl.sum(w[:, None] * acc, 0)
+        # No visible slot at all leaves acc == 0, so dividing by 1 gives the required zeros.
+        out = out / tl.where(l_tot > 0.0, l_tot, 1.0)
+        tl.store(OUT + row * D + offs_d, out.to(OUT.dtype.element_ty), mask=d_mask)
+
+
+@functools.lru_cache(maxsize=None)
+def _num_sms(device: torch.device) -> int:
+    """Multiprocessor count of a CUDA device; an H100's 132 elsewhere (interpreter)."""
+    if device.type == "cuda":
+        return torch.cuda.get_device_properties(device).multi_processor_count
+    return 132
+
+
+def _launch_config(block_d: int, elem_size: int) -> tuple[int, int, int]:
+    """(BLOCK_N, num_warps, num_stages) for a padded head dim and K/V element size.
+
+    Tuned on an H100 (bf16, D=128): 128 slots a block, 2 stages, 4 warps, i.e. 64 KB of K+V
+    per stage. Wider heads or fp32 take fewer slots a block to stay within shared memory.
+    """
+    block_n = max(16, min(128, (32 * 1024) // (block_d * elem_size)))
+    return block_n, 4, 2
+
+
+def _choose_splits(n_slots: int, programs_per_split: int, block_n: int, sms: int) -> int:
+    """Splits so that pass 1 runs at most ~2 programs per SM, each over >= 2 blocks of slots.
+
+    On an H100, where the 128 KB of pipelined K/V tiles let one program reside per SM, this
+    beat both fewer splits (idle SMs) and more (a ragged last wave, more workspace traffic).
+    """
+    wanted = (_PROGRAMS_PER_SM * sms) // max(programs_per_split, 1)
+    most = math.ceil(n_slots / (_MIN_BLOCKS_PER_SPLIT * block_n))
+    return max(1, min(wanted, most, _MAX_SPLITS))
+
+
+def decode_attention_triton(
+    q: torch.Tensor,
+    q_sink: torch.Tensor | None,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    slot_pos: torch.Tensor,
+    q_pos: torch.Tensor,
+    sink_tokens: int,
+    window_tokens: int,
+    scale: float,
+    *,
+    num_splits: int | None = None,
+) -> torch.Tensor:
+    """Triton decode attention; see ``decode_attention_reference`` for the semantics.
+
+    ``num_splits`` overrides the automatic split count of the slot axis (tests use it to
+    exercise the merge). Inputs may be strided; no tensor is copied or repeated.
+    """
+    if triton is None:
+        raise ImportError("decode_attention_triton needs Triton: pip install triton")
+    B, Hq, D = q.shape
+    Bk, Hkv, N, Dk = k_cache.shape
+    if Hq % Hkv or Bk != B or Dk != D or v_cache.shape != k_cache.shape:
+        raise ValueError(f"incompatible shapes q {tuple(q.shape)}, k {tuple(k_cache.shape)}, "
+                         f"v {tuple(v_cache.shape)}")
+    if k_cache.dtype != q.dtype or v_cache.dtype != q.dtype:
+        raise TypeError("q, k_cache and v_cache must share one dtype")
+    if q_sink is not None and q_sink.shape != q.shape:
+        raise ValueError("q_sink must have q's shape")
+    if tuple(slot_pos.shape) != (B, N) or tuple(q_pos.shape) != (B,):
+        raise ValueError("slot_pos must be [B, N] and q_pos [B]")
+
+    G = Hq // Hkv
+    out = torch.empty_like(q, memory_format=torch.contiguous_format)
+    if out.numel() == 0:
+        return out
+
+    BLOCK_D = triton.next_power_of_2(D)
+    BLOCK_G = max(16, triton.next_power_of_2(G))  # tl.dot needs M >= 16
+    BLOCK_N, num_warps, num_stages = _launch_config(BLOCK_D, k_cache.element_size())
+    splits = num_splits or _choose_splits(N, B * Hkv, BLOCK_N, _num_sms(q.device))
+    # Chunks are whole blocks so only the last one has a ragged tail; rounding up may leave
+    # fewer non-empty chunks than asked for, and empty programs are not launched.
+    chunk_len = BLOCK_N * max(1, triton.cdiv(triton.cdiv(N, splits), BLOCK_N))
+    splits = max(1, triton.cdiv(N, chunk_len))
+
+    # One allocation for all partials keeps the host-side cost of a call low.
+    ws = torch.empty(B * Hq * splits * (D + 2), device=q.device, dtype=torch.float32)
+    qs = q if q_sink is None else q_sink
+    windowed = window_tokens > 0
+
+    _decode_split_kernel[(B, Hkv, splits)](
+        q, qs, k_cache, v_cache, slot_pos, q_pos, ws,
+        *q.stride(), *qs.stride(), *k_cache.stride(), *v_cache.stride(), *slot_pos.stride(),
+        N, chunk_len, sink_tokens, window_tokens, scale * _LOG2E,
+        G=G, D=D, BLOCK_G=BLOCK_G, BLOCK_D=BLOCK_D, BLOCK_N=BLOCK_N,
+        HAS_QSINK=q_sink is not None, WINDOWED=windowed,
+        # fp32 callers get fp32 products, not tf32; other dtypes keep Triton's default.
+        DOT_PRECISION="ieee" if q.dtype == torch.float32 else None,
+        num_warps=num_warps, num_stages=num_stages,
+    )
+    _decode_merge_kernel[(B * Hq,)](
+        ws, out, splits,
+        D=D, BLOCK_S=triton.next_power_of_2(splits), BLOCK_D=BLOCK_D,
+        num_warps=4,
+    )
+    return out
