@@ -42,12 +42,14 @@ def test_plain_module_with_sdpa():
     assert (site.num_heads, site.num_kv_heads) == (6, 2)  # repeat_interleave recognised as GQA
 
 
-def test_inductor_backend_matches_eager_batch1_and_3():
-    model = tiny_hf_model("llama")
+@pytest.mark.parametrize("family", FAMILIES)
+def test_inductor_backend_matches_transformers_batch1_and_3(family):
+    model = tiny_hf_model(family)
     compiled = kvcompile.optimize(model, ["dense"], backend="inductor", prefill_chunk=8)
     for lengths in ([11], [11, 7, 2]):
         ids, mask = left_padded_batch(lengths, 11)
-        out = compiled.generate(ids, mask, max_new_tokens=5, return_dict_in_generate=True, output_logits=True)
+        out = compiled.generate(ids, mask, max_new_tokens=5, return_dict_in_generate=True, output_logits=True,
+                               eos_token_id=[])
         ref = hf_logits(model, out.sequences, torch.cat([mask, torch.ones(len(lengths), 5, dtype=torch.long)], 1))
         for step, logits in enumerate(out.logits):
             assert ((logits - ref[:, 10 + step]).abs().max() / ref.abs().max()) < 1e-4
