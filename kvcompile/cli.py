@@ -1,4 +1,4 @@
-"""`kvcompile` command line: generate, explain and evaluate on the embedded model (SmolLM2-135M-Instruct)."""
+"""`kvcompile` command line: generate, explain, export and evaluate on the embedded model (SmolLM2-135M-Instruct)."""
 from __future__ import annotations
 
 import argparse
@@ -33,6 +33,14 @@ def _generate(args) -> None:
 def _explain(args) -> None:
     opt, _ = _optimized(args)
     print(opt.explain())
+
+
+def _export(args) -> None:
+    import kvcompile
+    opt, _ = _optimized(args)
+    path = kvcompile.export(opt, args.out, format=args.format, max_cache_len=args.max_cache_len,
+                            max_batch_size=args.max_batch_size, fp16=args.fp16)
+    print(f"kvcompile: exported to {path} (see {path}/manifest.json)")
 
 
 def _eval(args) -> None:
@@ -82,6 +90,14 @@ def build_parser() -> argparse.ArgumentParser:
 
     common(sub.add_parser("explain", help="print the attention sites and what each pass changed")).set_defaults(
         run=_explain)
+
+    x = common(sub.add_parser("export", help="export ONNX step graphs (+ TensorRT engines) with explicit cache"))
+    x.add_argument("out", help="output folder")
+    x.add_argument("--format", default="onnx", choices=["onnx", "tensorrt"])
+    x.add_argument("--max-cache-len", type=int, default=None, help="cache length (needed for dense caches)")
+    x.add_argument("--max-batch-size", type=int, default=None)
+    x.add_argument("--fp16", action="store_true", help="TensorRT: build fp16 engines")
+    x.set_defaults(run=_export)
 
     e = common(sub.add_parser("eval", help="quality: perplexity, passkey retrieval, agreement with dense"))
     e.add_argument("task", choices=["perplexity", "passkey", "agreement"])

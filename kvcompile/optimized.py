@@ -72,11 +72,7 @@ class OptimizedModel:
 
         Unset sampling and special-token arguments default to the model's `generation_config`.
         """
-        config = self.generation_config
-        for name in ("do_sample", "temperature", "top_k", "top_p", "eos_token_id", "pad_token_id"):
-            if kwargs.get(name) is None and config is not None and getattr(config, name, None) is not None:
-                kwargs[name] = getattr(config, name)
-        kwargs = {k: v for k, v in kwargs.items() if v is not None}
+        kwargs = runtime.with_defaults(kwargs, runtime.generation_defaults(self.generation_config))
         return runtime.generate(self, input_ids, attention_mask, **kwargs)
 
     def kv_bytes(self) -> int:

@@ -6,6 +6,7 @@ from torch import fx, nn
 
 from kvcompile.cache import KVState
 from kvcompile.capture import capture_step
+from kvcompile.graph.rewrite import remove_dead_nodes
 from kvcompile.graph.sites import find_attention_sites
 from kvcompile.passes.base import Pass, StepGraph
 
@@ -39,7 +40,7 @@ def build_step(model: nn.Module, seq_len: int, passes: list[Pass], state: KVStat
     unrewritten = [s.output.name for s in step.sites if s.cache is None]
     if unrewritten:
         raise RuntimeError(f"no storage pass rewrote attention at {unrewritten}")
-    graph.eliminate_dead_code()
+    remove_dead_nodes(graph)
     graph.lint()
     module.recompile()
     return step

@@ -7,6 +7,7 @@ from torch import fx
 
 from kvcompile.backends.eager import lower as _eager
 from kvcompile.backends.inductor import lower as _inductor
+from kvcompile.backends import onnxruntime, tensorrt  # noqa: F401  (kvcompile.backends.onnxruntime.load)
 from kvcompile.errors import KVCompileError
 
 Lowered = Callable[..., object]

@@ -65,3 +65,17 @@ def reroot(node: fx.Node, old: fx.Node, new: fx.Node, dependent: set[fx.Node], m
         copy.meta = dict(node.meta)
         memo[node] = copy
     return memo[node]
+
+
+def remove_dead_nodes(graph: fx.Graph) -> None:
+    """Drop nodes whose values are unused, including replaced attention.
+
+    FX's default keeps SDPA alive (it is tagged nondeterministic-seeded, hence "impure"); here only the graph's
+    inputs, outputs and ops that mutate their arguments (cache writes) count as side effects.
+    """
+    def has_side_effects(node: fx.Node) -> bool:
+        if node.op in ("placeholder", "output"):
+            return True
+        return isinstance(node.target, torch._ops.OpOverload) and node.target._schema.is_mutable
+
+    graph.eliminate_dead_code(is_impure_node=has_side_effects)

@@ -15,6 +15,21 @@ from kvcompile.errors import InputError
 from kvcompile.runtime.sampling import next_tokens
 
 
+# generation_config fields that unset `generate` arguments default to, for every runner.
+GENERATION_DEFAULTS = ("do_sample", "temperature", "top_k", "top_p", "eos_token_id", "pad_token_id")
+
+
+def generation_defaults(config) -> dict:
+    """The `GENERATION_DEFAULTS` a transformers `GenerationConfig` (or None) sets."""
+    return {k: getattr(config, k) for k in GENERATION_DEFAULTS if getattr(config, k, None) is not None}
+
+
+def with_defaults(kwargs: dict, defaults: dict) -> dict:
+    """`kwargs` with unset (None) arguments taken from `defaults`; those still None are dropped."""
+    merged = {**defaults, **{k: v for k, v in kwargs.items() if v is not None}}
+    return {k: v for k, v in merged.items() if v is not None}
+
+
 class StepRunner(Protocol):
     """What the generate loop needs from a backend."""
 
