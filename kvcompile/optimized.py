@@ -15,7 +15,7 @@ from kvcompile.program import build_step
 from kvcompile.runtime import generate as runtime
 
 
-class OptimizedModel:
+class OptimizedModel(runtime.Runner):
     """A decoder whose attention was rewritten by passes; generates and scores through its own KV cache."""
 
     def __init__(self, model: nn.Module, passes: list[Pass], backend: str, prefill_chunk: int,
@@ -27,6 +27,7 @@ class OptimizedModel:
         self.max_batch_size = max_batch_size
         self.device, self.dtype = model_device_dtype(model)
         self.generation_config = getattr(model, "generation_config", None)
+        self.generation_defaults = runtime.generation_defaults(self.generation_config)
         self.model_name = type(model).__name__
         self.state = KVState()
         self.steps: dict[int, StepGraph] = {n: build_step(model, n, passes, self.state)
@@ -55,26 +56,7 @@ class OptimizedModel:
         with torch.no_grad():
             return self._lowered[input_ids.shape[1]](input_ids, positions)
 
-    # --- user API ------------------------------------------------------------------------------------------
-    def logits_stream(self, input_ids: torch.Tensor, attention_mask: Optional[torch.Tensor] = None,
-                      progress: bool = False):
-        """Teacher-forced logits, yielded as `(start, logits [B, C, V])` chunk by chunk (bounded memory)."""
-        positions = runtime.positions_from_mask(input_ids, attention_mask, self.device)
-        self.reserve(input_ids.shape[0], input_ids.shape[1])
-        yield from runtime.stream_logits(self, input_ids, positions, progress)
-
-    def __call__(self, input_ids: torch.Tensor, attention_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
-        """Teacher-forced logits [B, S, V] for the whole input."""
-        return torch.cat([logits for _, logits in self.logits_stream(input_ids, attention_mask)], dim=1)
-
-    def generate(self, input_ids: torch.Tensor, attention_mask: Optional[torch.Tensor] = None, **kwargs):
-        """Generate like transformers: greedy or sampling, eos, streamer, `return_dict_in_generate`.
-
-        Unset sampling and special-token arguments default to the model's `generation_config`.
-        """
-        kwargs = runtime.with_defaults(kwargs, runtime.generation_defaults(self.generation_config))
-        return runtime.generate(self, input_ids, attention_mask, **kwargs)
-
+    # --- user API (logits_stream, __call__, generate come from runtime.Runner) -------------------------------
     def kv_bytes(self) -> int:
         """Bytes of KV-cache state currently allocated."""
         return self.state.kv_bytes()

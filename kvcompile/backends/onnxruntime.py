@@ -56,12 +56,13 @@ def _session_device(session) -> torch.device:
     return torch.device("cpu")
 
 
-class OnnxRuntimeRunner:
+class OnnxRuntimeRunner(runtime.Runner):
     """Exported step graphs under ONNX Runtime: a `StepRunner` with the generate API of `OptimizedModel`."""
 
     def __init__(self, manifest: Manifest, sessions: dict):
         self.manifest = manifest
         self.prefill_chunk = manifest.prefill_chunk
+        self.generation_defaults = manifest.generation
         self._sessions = sessions
         self.device = _session_device(next(iter(sessions.values())))
         self._state: list[torch.Tensor] = []    # read by the next step as past.*
@@ -119,23 +120,6 @@ class OnnxRuntimeRunner:
         session.run_with_iobinding(binding)
         self._state, self._spare = self._spare, self._state
         return logits
-
-    # --- user API, as on OptimizedModel --------------------------------------------------------------------
-    def logits_stream(self, input_ids: torch.Tensor, attention_mask: Optional[torch.Tensor] = None,
-                      progress: bool = False):
-        """Teacher-forced logits, yielded as `(start, logits [B, C, V])` chunk by chunk."""
-        positions = runtime.positions_from_mask(input_ids, attention_mask, self.device)
-        self.reserve(input_ids.shape[0], input_ids.shape[1])
-        yield from runtime.stream_logits(self, input_ids, positions, progress)
-
-    def __call__(self, input_ids: torch.Tensor, attention_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
-        """Teacher-forced logits [B, S, V] for the whole input."""
-        return torch.cat([logits for _, logits in self.logits_stream(input_ids, attention_mask)], dim=1)
-
-    def generate(self, input_ids: torch.Tensor, attention_mask: Optional[torch.Tensor] = None, **kwargs):
-        """Generate like `OptimizedModel.generate`; unset arguments default to the exported generation_config."""
-        kwargs = runtime.with_defaults(kwargs, self.manifest.generation)
-        return runtime.generate(self, input_ids, attention_mask, **kwargs)
 
 
 def _bind(bind, name: str, tensor: torch.Tensor) -> None:

@@ -41,6 +41,33 @@ class StepRunner(Protocol):
     def run_step(self, input_ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor: ...
 
 
+class Runner:
+    """The user API every runner shares — `logits_stream`, `__call__`, `generate` — over its `StepRunner` methods.
+
+    Subclasses provide `prefill_chunk`, `device`, `reserve`, `run_step` and `generation_defaults` (the
+    generation_config values that unset `generate` arguments take).
+    """
+
+    generation_defaults: dict
+
+    def logits_stream(self, input_ids: torch.Tensor, attention_mask: Optional[torch.Tensor] = None,
+                      progress: bool = False):
+        """Teacher-forced logits, yielded as `(start, logits [B, C, V])` chunk by chunk (bounded memory)."""
+        positions = positions_from_mask(input_ids, attention_mask, self.device)
+        self.reserve(input_ids.shape[0], input_ids.shape[1])
+        yield from stream_logits(self, input_ids, positions, progress)
+
+    def __call__(self, input_ids: torch.Tensor, attention_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """Teacher-forced logits [B, S, V] for the whole input."""
+        return torch.cat([logits for _, logits in self.logits_stream(input_ids, attention_mask)], dim=1)
+
+    def generate(self, input_ids: torch.Tensor, attention_mask: Optional[torch.Tensor] = None, **kwargs):
+        """Generate like transformers: greedy or sampling (temperature, top_k, top_p), eos, streamer,
+        `return_dict_in_generate` / `output_logits`. Unset arguments default to the model's generation_config.
+        """
+        return generate(self, input_ids, attention_mask, **with_defaults(kwargs, self.generation_defaults))
+
+
 def positions_from_mask(input_ids: torch.Tensor, attention_mask: Optional[torch.Tensor],
                         device: torch.device) -> torch.Tensor:
     """Validate inputs and return per-token positions [B, S] (-1 on left padding)."""
