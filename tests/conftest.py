@@ -1,10 +1,16 @@
 """Tiny randomly initialised decoders of every supported family, and a plain SDPA module."""
 from __future__ import annotations
 
-import math
+import os
 
-import pytest
-import torch
+# Triton kernels run on the CPU through Triton's interpreter; it must be chosen before anything imports triton
+# (transformers does, below).
+os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import math  # noqa: E402
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
 from torch import nn
 from transformers import (GPTNeoXConfig, GPTNeoXForCausalLM, LlamaConfig, LlamaForCausalLM, MistralConfig,
                           MistralForCausalLM, Qwen2Config, Qwen2ForCausalLM)
