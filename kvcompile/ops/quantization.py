@@ -1,0 +1,365 @@
+"""ZipCache (arXiv:2405.14256) quantized KV storage: the plain-PyTorch definition.
+
+Quantization (keys and values alike): channel-separable token-wise quantization. Each channel is first divided
+by `c = sqrt(max_t |x_t|)` over the tokens of the first quantized block (the prompt); then every *row* is one
+asymmetric min/max group of `Hkv * head_dim` values — one token of every KV head, as the official
+`true_tokenwise_quantize` groups all heads of a token. With per-head saliency a row holds the r-th salient
+(or regular) token of each head; every head of a batch row has the same number of each, so rows stay full.
+
+Storage of one layer (`ZipCacheState`), genuinely packed:
+
+- two row planes per tensor: `high` (salient tokens, `high_bits`) and `low` (the rest, `low_bits`), codes
+  packed along the head dim (`pack_bits`), with one float16 scale and zero point per row;
+- which slots are salient: one bit per (slot, KV head) in int32 words, plus a running count per word, so the
+  plane row of any slot is `rank[word] + popcount(earlier bits of the word)` (high) or `slot - that` (low).
+  The decode kernel reads any slot, dense or gathered, in O(1) without a per-slot row table;
+- slots `[0, quantized)` are in the planes; the next `streaming_gap` slots sit in a full-precision buffer.
+
+Bytes per token and KV head at the paper's setting (4/2 bits, 60% salient, D=64, Hkv=3), keys + values:
+codes 2*64*(0.6*4 + 0.4*2) = 409.6 bits, scales/zeros 2*2*16/Hkv = 21.3, salient bit + rank 2, against
+2*64*16 = 2048 for bf16: 4.78x before the 100-token buffer; 4.66x measured at 32k tokens, 4.60x at 16k,
+4.47x at 8k (the buffer is a fixed 76.8 KB per layer). Per-head groups of 64 with fp16 scale and zero would
+add 0.5 bit per value and cap the ratio at 4.3x, which is why a row spans the heads.
+
+Defaults come from the official code (ThisisBillhe/ZipCache): `zipcache_generation_demo.py` (4/2 bits,
+`unimportant_ratio` 0.4, `streaming_gap` 100) and `models/modeling_llama.py` (probe queries: the most recent 5%
+of the prompt plus 5% drawn at random from the rest).
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, fields, is_dataclass
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+HIGH_BITS = 4
+LOW_BITS = 2
+SALIENCY_RATIO = 0.6
+PROBE_RATIO = 0.1
+STREAMING_GAP = 100
+UNQUANTIZED = 16  # a plane of this width keeps its values in the cache dtype
+SCALE_DTYPE = torch.float16
+_PACKABLE = (1, 2, 4, 8)
+_WORD_BITS = 32
+
+
+# --- bit packing ---------------------------------------------------------------------------------------------
+def _check_bits(bits: int, allowed=_PACKABLE) -> None:
+    if bits not in allowed:
+        raise ValueError(f"bit width must be one of {allowed}, got {bits}")
+
+
+def pack_bits(values: Tensor, bits: int) -> Tensor:
+    """Codes (uint8 in [0, 2**bits)) packed along the last dim: 8 // bits per byte, the first in the low bits."""
+    _check_bits(bits)
+    per = 8 // bits
+    if values.shape[-1] % per:
+        raise ValueError(f"last dim {values.shape[-1]} is not a multiple of {per} ({bits}-bit codes per byte)")
+    shifts = torch.arange(per, device=values.device, dtype=torch.int32) * bits
+    return (values.to(torch.int32).unflatten(-1, (-1, per)) << shifts).sum(-1).to(torch.uint8)
+
+
+def unpack_bits(packed: Tensor, bits: int) -> Tensor:
+    """Inverse of `pack_bits`: uint8 codes, `8 // bits` times as many along the last dim."""
+    _check_bits(bits)
+    shifts = torch.arange(8 // bits, device=packed.device, dtype=torch.int32) * bits
+    return ((packed.to(torch.int32)[..., None] >> shifts) & (2 ** bits - 1)).flatten(-2).to(torch.uint8)
+
+
+# --- token-wise quantization of rows -------------------------------------------------------------------------
+@dataclass
+class QuantizedRows:
+    """Rows of one precision. `data` [B, Hkv, R, D * bits // 8] uint8 codes (at 16 bits: [B, Hkv, R, D] values
+    in the cache dtype); `scale`, `zero` [B, R] float16, one per row for all heads (unused at 16 bits)."""
+
+    data: Tensor
+    scale: Tensor
+    zero: Tensor
+    bits: int
+
+
+def _fp16_toward(x: Tensor, direction: float) -> Tensor:
+    """The float16 nearest to float64 `x` on one side: <= x for direction -inf, >= x for +inf."""
+    h = x.to(SCALE_DTYPE)
+    wrong = h.double() > x if direction < 0 else h.double() < x
+    return torch.where(wrong, torch.nextafter(h, torch.full_like(h, direction)), h)
+
+
+def quantize_rows(rows: Tensor, row_valid: Tensor, bits: int, dtype: torch.dtype) -> QuantizedRows:
+    """Asymmetric min/max quantization of `rows` [B, Hkv, R, D], one group per row across all heads.
+
+    `row_valid` [B, R] marks real rows (others are ignored and get zero scale). The zero point is the row
+    minimum rounded down to float16 and the scale `(max - zero) / (2**bits - 1)` rounded up, so every value
+    lies in the representable range and `|x - (code * scale + zero)| <= scale / 2` holds with the stored
+    float16 parameters. At 16 bits the rows are kept as they are, in `dtype`.
+    """
+    batch, heads, count, _ = rows.shape
+    if bits == UNQUANTIZED:
+        unused = torch.zeros(batch, count, dtype=SCALE_DTYPE, device=rows.device)
+        return QuantizedRows(rows.to(dtype), unused, unused.clone(), bits)
+    _check_bits(bits)
+    x = rows.float()
+    valid = row_valid[:, None, :, None]
+    low = torch.where(valid, x, math.inf).amin(dim=(1, 3)).masked_fill(~row_valid, 0.0)
+    high = torch.where(valid, x, -math.inf).amax(dim=(1, 3)).masked_fill(~row_valid, 0.0)
+    levels = 2 ** bits - 1
+    zero = _fp16_toward(low.double(), -math.inf)
+    scale = _fp16_toward((high.double() - zero.double()) / levels, math.inf)
+    step = scale.float()[:, None, :, None]
+    codes = torch.where(step > 0, (x - zero.float()[:, None, :, None]) / step, 0.0)
+    codes = codes.round().clamp(0, levels).to(torch.uint8)
+    return QuantizedRows(pack_bits(codes, bits), scale, zero, bits)
+
+
+def dequantize_rows(rows: QuantizedRows, dtype: torch.dtype = torch.float32) -> Tensor:
+    """`code * scale + zero` (computed in float32) as [B, Hkv, R, D] in `dtype`; 16-bit rows as stored."""
+    if rows.bits == UNQUANTIZED:
+        return rows.data.to(dtype)
+    codes = unpack_bits(rows.data, rows.bits).float()
+    return (codes * rows.scale.float()[:, None, :, None] + rows.zero.float()[:, None, :, None]).to(dtype)
+
+
+def channel_scales(x: Tensor, valid: Tensor, high_bits: int, low_bits: int) -> Tensor:
+    """ZipCache's channel normalisation of `x` [B, Hkv, T, D]: `sqrt(max |x|)` over the `valid` [B, T] tokens,
+    float32 [B, Hkv, D]. 1 for an all-zero channel, and everywhere when nothing is quantized (16/16 bits), so
+    that storage is then exact."""
+    if min(high_bits, low_bits) == UNQUANTIZED:
+        return torch.ones(x.shape[0], x.shape[1], x.shape[3], device=x.device)
+    magnitude = torch.where(valid[:, None, :, None], x.float().abs(), 0.0).amax(dim=2).sqrt()
+    return torch.where(magnitude > 0, magnitude, 1.0)
+
+
+def _take_rows(x: Tensor, take: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """The tokens of `x` [B, H, T, D] marked in `take` [B, H, T], in slot order, as rows padded to T:
+    (rows [B, H, T, D], order [B, H, T] (token of each row), count [B] (real rows, from head 0))."""
+    order = torch.argsort((~take).to(torch.int8), dim=-1, stable=True)
+    rows = x.gather(2, order[..., None].expand(-1, -1, -1, x.shape[-1]))
+    return rows, order, take[:, 0].sum(-1)
+
+
+def _row_mask(count: Tensor, rows: int) -> Tensor:
+    return torch.arange(rows, device=count.device) < count[:, None]
+
+
+def fake_quantize(x: Tensor, salient: Tensor, channel: Tensor, high_bits: int, low_bits: int,
+                  valid: Optional[Tensor] = None) -> Tensor:
+    """What one block of tokens reads back after mixed-precision quantization: `x` [B, Hkv, T, D], `salient`
+    [B, Hkv or 1, T] (the same count in every head), `channel` [B, Hkv, D]; tokens outside `valid` [B, T]
+    come back as zeros. Same rows and groups as `quantize_into` stores."""
+    batch, heads, seq, dim = x.shape
+    valid = torch.ones(batch, seq, dtype=torch.bool, device=x.device) if valid is None else valid
+    salient = salient.expand(batch, heads, seq) & valid[:, None]
+    c = channel[:, :, None, :]
+    out = torch.zeros_like(x)
+    for take, bits in ((salient, high_bits), (~salient & valid[:, None], low_bits)):
+        # float32 like `quantize_into`; unquantized rows keep x's dtype so that 16/16 bits are exact.
+        normalized = x / c.to(x.dtype) if bits == UNQUANTIZED else x.float() / c
+        rows, order, count = _take_rows(normalized, take)
+        row_valid = _row_mask(count, seq)
+        restored = dequantize_rows(quantize_rows(rows, row_valid, bits, x.dtype), x.dtype)
+        index = order[..., None].expand(-1, -1, -1, dim)
+        out.scatter_(2, index, torch.where(row_valid[:, None, :, None], restored, out.gather(2, index)))
+    return out * c.to(x.dtype)
+
+
+# --- the per-layer state -------------------------------------------------------------------------------------
+@dataclass
+class MixedPrecisionPlanes:
+    """Keys or values of one layer: salient rows at high precision, the rest at low, and the channel scales
+    [B, Hkv, D] float32 (0 until the first quantized block sets them). Each plane has one spare last row that
+    absorbs the padding rows of a block."""
+
+    high: QuantizedRows
+    low: QuantizedRows
+    channel: Tensor
+
+
+@dataclass
+class ZipCacheState:
+    """One layer's ZipCache. `salient_words`, `salient_rank` [B, Hkv, W] int32: bit `n % 32` of word `n // 32`
+    marks slot n salient, and the rank counts salient slots before the word. `quantized` [B] int64: slots
+    [0, quantized) are in the planes. `key_buffer`, `value_buffer` [B, Hkv, streaming_gap, D] (cache dtype)
+    hold slot `quantized + i` in row i. All zeros is the empty cache."""
+
+    keys: MixedPrecisionPlanes
+    values: MixedPrecisionPlanes
+    salient_words: Tensor
+    salient_rank: Tensor
+    quantized: Tensor
+    key_buffer: Tensor
+    value_buffer: Tensor
+
+
+def regular_count(tokens, saliency_ratio: float):
+    """Tokens of a block of `tokens` kept at low precision: floor((1 - ratio) * tokens), as the official
+    `int(unimportant_ratio * n)`. Works on ints and integer tensors."""
+    if isinstance(tokens, Tensor):
+        return torch.floor((1 - saliency_ratio) * tokens.double() + 1e-9).to(tokens.dtype)
+    return math.floor((1 - saliency_ratio) * tokens + 1e-9)
+
+
+def empty_state(batch: int, kv_heads: int, head_dim: int, capacity: int, *, high_bits: int = HIGH_BITS,
+                low_bits: int = LOW_BITS, saliency_ratio: float = SALIENCY_RATIO,
+                streaming_gap: int = STREAMING_GAP, dtype: torch.dtype = torch.bfloat16,
+                device=None) -> ZipCacheState:
+    """An empty state for `capacity` positions (slots `[0, capacity]`, the last one scratch).
+
+    The low plane has `floor((1 - ratio) * capacity)` rows and the high plane the rest: blocks chosen by
+    `select_salient` with `free_high_rows` never overflow either.
+    """
+    slots = capacity + 1
+    low_rows = regular_count(capacity, saliency_ratio)
+
+    def plane(bits: int, rows: int) -> QuantizedRows:
+        _check_bits(bits, _PACKABLE + (UNQUANTIZED,))
+        if bits != UNQUANTIZED and head_dim % (8 // bits):
+            raise ValueError(f"head_dim {head_dim} cannot be packed at {bits} bits")
+        width, stored = (head_dim, dtype) if bits == UNQUANTIZED else (head_dim * bits // 8, torch.uint8)
+        scale = torch.zeros(batch, rows + 1, dtype=SCALE_DTYPE, device=device)
+        return QuantizedRows(torch.zeros(batch, kv_heads, rows + 1, width, dtype=stored, device=device),
+                             scale, scale.clone(), bits)
+
+    def planes() -> MixedPrecisionPlanes:
+        return MixedPrecisionPlanes(plane(high_bits, capacity - low_rows), plane(low_bits, low_rows),
+                                    torch.zeros(batch, kv_heads, head_dim, device=device))
+
+    words = torch.zeros(batch, kv_heads, -(-slots // _WORD_BITS), dtype=torch.int32, device=device)
+    buffer = torch.zeros(batch, kv_heads, streaming_gap, head_dim, dtype=dtype, device=device)
+    return ZipCacheState(planes(), planes(), words, words.clone(),
+                         torch.zeros(batch, dtype=torch.int64, device=device), buffer, buffer.clone())
+
+
+def _unpack_words(words: Tensor) -> Tensor:
+    shifts = torch.arange(_WORD_BITS, device=words.device, dtype=torch.int64)
+    return ((words.to(torch.int64)[..., None] >> shifts) & 1).bool().flatten(-2)
+
+
+def _pack_words(bits: Tensor) -> Tensor:
+    shifts = torch.arange(_WORD_BITS, device=bits.device, dtype=torch.int64)
+    words = (bits.unflatten(-1, (-1, _WORD_BITS)).to(torch.int64) << shifts).sum(-1)
+    return torch.where(words >= 2 ** 31, words - 2 ** 32, words).to(torch.int32)  # bit 31 is the sign bit
+
+
+def free_high_rows(state: ZipCacheState) -> Tensor:
+    """High-precision rows still free per batch row [B] (the `high_free` of `select_salient`)."""
+    used = _unpack_words(state.salient_words[:, 0]).sum(-1)
+    return state.keys.high.scale.shape[1] - 1 - used
+
+
+def quantize_into(state: ZipCacheState, keys: Tensor, values: Tensor, salient: Tensor, count: Tensor) -> None:
+    """Append one block to the planes, in place (ZipCache's prefill and periodic step).
+
+    Tokens t < count[b] of `keys`/`values` [B, Hkv, T, D] take slots `quantized[b] + t`; `salient`
+    [B, Hkv or 1, T] picks their precision and must give every head of a row the same number of salient tokens
+    within `free_high_rows` (as `select_salient` does). Channel scales are set by a row's first non-empty block.
+    Shapes stay static and nothing syncs with the host.
+    """
+    batch, heads, seq, _ = keys.shape
+    valid = _row_mask(count, seq)
+    salient = salient.expand(batch, heads, seq) & valid[:, None]
+    regular = ~salient & valid[:, None]
+    bits = _unpack_words(state.salient_words)
+    high_used = bits[:, 0].sum(-1)
+    for planes, x in ((state.keys, keys), (state.values, values)):
+        unset = (planes.channel == 0).all(-1, keepdim=True) & (count > 0)[:, None, None]
+        fresh = channel_scales(x, valid, planes.high.bits, planes.low.bits)
+        planes.channel.copy_(torch.where(unset, fresh, planes.channel))
+        normalized = x.float() / planes.channel[:, :, None, :]
+        for take, plane, used in ((salient, planes.high, high_used),
+                                  (regular, planes.low, state.quantized - high_used)):
+            rows, _, n = _take_rows(normalized, take)
+            row_valid = _row_mask(n, seq)
+            block = quantize_rows(rows, row_valid, plane.bits, plane.data.dtype)
+            spare = plane.scale.shape[1] - 1
+            target = torch.where(row_valid, used[:, None] + torch.arange(seq, device=keys.device), spare)
+            plane.data.scatter_(2, target[:, None, :, None].expand_as(block.data), block.data)
+            plane.scale.scatter_(1, target, block.scale)
+            plane.zero.scatter_(1, target, block.zero)
+    dump = bits.shape[-1]
+    slot = torch.where(valid, state.quantized[:, None] + torch.arange(seq, device=keys.device), dump)
+    bits = torch.cat([bits, bits.new_zeros(batch, heads, 1)], dim=-1)
+    bits = bits.scatter(2, slot[:, None, :].expand(batch, heads, seq), salient)[..., :dump]
+    per_word = bits.unflatten(-1, (-1, _WORD_BITS)).sum(-1)
+    state.salient_words.copy_(_pack_words(bits))
+    state.salient_rank.copy_(per_word.cumsum(-1) - per_word)
+    state.quantized.add_(count)
+
+
+def dequantize_state(state: ZipCacheState, slots: int) -> tuple[Tensor, Tensor]:
+    """Keys and values of the first `slots` slots as float32 [B, Hkv, slots, D]: quantized slots dequantized
+    (`(code * scale + zero) * channel`), buffered slots as stored, the rest zeros. The decode kernel's
+    definition."""
+    slot = torch.arange(slots, device=state.quantized.device)
+    is_salient = _unpack_words(state.salient_words)[..., :slots]
+    high_row = is_salient.cumsum(-1) - is_salient.long()
+    quantized = (slot < state.quantized[:, None])[:, None]
+    buffer_row = slot - state.quantized[:, None]
+    in_buffer = ((buffer_row >= 0) & (buffer_row < state.key_buffer.shape[2]))[:, None]
+
+    def read(planes: MixedPrecisionPlanes, buffer: Tensor) -> Tensor:
+        def rows_of(plane: QuantizedRows, row: Tensor) -> Tensor:
+            row = row.clamp(0, plane.scale.shape[1] - 1)[..., None].expand(-1, -1, -1, buffer.shape[-1])
+            return dequantize_rows(plane).gather(2, row) * planes.channel[:, :, None, :]
+
+        from_high = rows_of(planes.high, high_row)
+        from_low = rows_of(planes.low, slot - high_row)
+        index = buffer_row.clamp(0, buffer.shape[2] - 1)[:, None, :, None].expand_as(from_high)
+        from_buffer = buffer.float().gather(2, index)
+        out = torch.where((quantized & is_salient)[..., None], from_high, from_low)
+        out = torch.where(quantized[..., None], out, from_buffer)
+        return out.masked_fill(~(quantized | in_buffer)[..., None], 0.0)
+
+    return read(state.keys, state.key_buffer), read(state.values, state.value_buffer)
+
+
+def kv_bytes(state) -> int:
+    """Bytes of every tensor in a (nested) state dataclass: packed codes, scales, zeros, channel scales,
+    salient bits and ranks, counters and the full-precision buffer."""
+    total = 0
+    for f in fields(state):
+        value = getattr(state, f.name)
+        if isinstance(value, Tensor):
+            total += value.numel() * value.element_size()
+        elif is_dataclass(value):
+            total += kv_bytes(value)
+    return total
+
+
+# --- saliency ------------------------------------------------------------------------------------------------
+def normalized_attention_saliency(probs: Tensor, query_positions: Tensor, key_positions: Tensor) -> Tensor:
+    """ZipCache's normalized attention score: attention each key received, summed over the queries, divided by
+    how many of those queries could attend it (`query position >= key position >= 0`), which removes the causal
+    bias toward early tokens. `probs` [B, H, Q, T], positions [B, Q] and [B, T] -> [B, H, T] (0 for keys no
+    query could attend)."""
+    qp, kp = query_positions[:, :, None], key_positions[:, None, :]
+    count = ((qp >= kp) & (kp >= 0) & (qp >= 0)).sum(1)
+    return probs.sum(-2) / count.clamp(min=1)[:, None, :].to(probs.dtype)
+
+
+def probe_queries(length: int, probe_ratio: float = PROBE_RATIO,
+                  generator: Optional[torch.Generator] = None) -> Tensor:
+    """Positions of the probe queries of a `length`-token prompt: the most recent `probe_ratio / 2` of it and as
+    many drawn uniformly (with replacement, as the official code) from the earlier tokens. The last token is
+    always a probe, so every key has a query that attends it."""
+    share = probe_ratio / 2
+    recent_start = int(length - share * length)
+    drawn = int(share * length) if recent_start > 0 else 0
+    earlier = torch.randint(0, max(recent_start, 1), (drawn,), generator=generator)
+    return torch.cat([torch.arange(recent_start, length), earlier])
+
+
+def select_salient(saliency: Tensor, valid: Tensor, saliency_ratio: float = SALIENCY_RATIO,
+                   high_free: Optional[Tensor] = None) -> Tensor:
+    """Boolean [B, H, T]: per (row, head) the most salient of the `valid` [B, T] tokens — all but the
+    `regular_count` least salient, capped at `high_free` [B] — so every head of a row gets the same number.
+    Ties go to the earlier token."""
+    n = valid.sum(-1)
+    high = n - regular_count(n, saliency_ratio)
+    if high_free is not None:
+        high = torch.minimum(high, high_free)
+    order = saliency.masked_fill(~valid[:, None], -math.inf).argsort(dim=-1, descending=True, stable=True)
+    rank = torch.empty_like(order).scatter_(-1, order, torch.arange(order.shape[-1], device=order.device)
+                                            .expand_as(order))
+    return rank < high[:, None, None]
