@@ -95,3 +95,36 @@ def test_explain_names_sites_and_rewrites():
     text = opt.explain()
     assert "2 attention sites" in text and "layer 1" in text
     assert "ring of 4 sink + 2000 window slots" in text and "re-rotated to its rank position" in text
+
+
+def test_rotary_computed_with_a_matmul_is_rerooted():
+    """transformers 5.17 computes rotary angles as inv_freq @ positions (a matmul of a buffer, not a weight)."""
+    from conftest import PlainRotaryDecoder
+
+    class MatmulRotary(PlainRotaryDecoder):
+        def rope(self, x, position_ids):
+            freqs = self.inv_freq[None, :, None].expand(x.shape[0], -1, 1) @ position_ids[:, None, :].float()
+            angles = freqs.transpose(1, 2)[:, None]
+            even, odd = x[..., ::2], x[..., 1::2]
+            cos, sin = angles.cos(), angles.sin()
+            return torch.stack([even * cos - odd * sin, even * sin + odd * cos], dim=-1).flatten(-2)
+
+    model = MatmulRotary().eval()
+    ids = torch.randint(0, VOCAB, (1, 30))
+    plain = kvcompile.optimize(PlainRotaryDecoder().eval(), [StreamingLLM(SINKS, WINDOW)], prefill_chunk=8)(ids)
+    assert rel_err(kvcompile.optimize(model, [StreamingLLM(SINKS, WINDOW)], prefill_chunk=8)(ids), plain) < 1e-5
+
+
+def test_absolute_position_embeddings_are_refused():
+    from conftest import PlainRotaryDecoder
+
+    class AbsolutePositions(PlainRotaryDecoder):
+        def __init__(self):
+            super().__init__()
+            self.position_embed = torch.nn.Embedding(512, 48)
+
+        def rope(self, x, position_ids):  # positions enter through a learned embedding, not a rotation
+            return x + self.position_embed(position_ids.clamp(min=0))[:, None, :, :x.shape[-1]]
+
+    with pytest.raises(kvcompile.UnsupportedModelError, match="positions reach the queries"):
+        kvcompile.optimize(AbsolutePositions().eval(), [StreamingLLM(SINKS, WINDOW)], prefill_chunk=8)

@@ -1,6 +1,7 @@
 """Rewriting helpers shared by passes: install the cached-attention op at a site, re-root position subgraphs."""
 from __future__ import annotations
 
+import operator
 from typing import Optional
 
 import torch
@@ -12,8 +13,16 @@ from kvcompile.graph.sites import AttentionSite, CacheState
 import kvcompile.ops.cached_attention  # noqa: F401  (registers torch.ops.kvcompile.cached_attention)
 
 aten = torch.ops.aten
-_HEAVY = {aten.linear.default, aten.matmul.default, aten.mm.default, aten.bmm.default, aten.embedding.default,
-          aten.scaled_dot_product_attention.default}
+_PROJECTIONS = {aten.linear.default, aten.matmul.default, aten.mm.default, aten.bmm.default, aten.embedding.default}
+
+
+def _projects_weights(node: fx.Node) -> bool:
+    """Whether `node` is a projection or lookup of a model parameter (rotary frequencies are buffers)."""
+    if node.target not in _PROJECTIONS:
+        return False
+    module = node.graph.owning_module
+    return any(a.op == "get_attr" and isinstance(operator.attrgetter(a.target)(module), torch.nn.Parameter)
+               for a in node.all_input_nodes)
 
 
 def install_cached_attention(graph: fx.Graph, state: KVState, positions: fx.Node, site: AttentionSite,
@@ -46,15 +55,15 @@ def reroot(node: fx.Node, old: fx.Node, new: fx.Node, dependent: set[fx.Node], m
     """A copy of `node` computed from `new` wherever it was computed from `old`, inserted before `before`.
 
     Only nodes in `dependent` (those that depend on `old`) are copied; `memo` shares copies across calls, so
-    e.g. one rotary cos/sin recomputation serves every layer. Copying a projection or an attention means the
-    positions feed the hidden states, which this rewrite does not support.
+    e.g. one rotary cos/sin recomputation serves every layer. Copying a projection of model weights means the
+    positions feed the hidden states (absolute position embeddings), which this rewrite does not support.
     """
     if node is old:
         return new
     if node not in dependent:
         return node
     if node not in memo:
-        if node.target in _HEAVY:
+        if _projects_weights(node):
             raise UnsupportedModelError(
                 f"positions reach the queries through '{node.name}' ({node.target}), not only through rotary "
                 "embeddings; re-assigning positions needs a rotary (RoPE) model.")
