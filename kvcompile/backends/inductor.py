@@ -1,11 +1,80 @@
-"""`inductor`: torch.compile of the rewritten graph, whole graph, static shapes; CUDA graphs on GPU."""
+"""`inductor`: torch.compile of the rewritten graph, whole graph, static shapes; CUDA graphs for decode on GPU."""
+from __future__ import annotations
+
+from typing import Optional
+
 import torch
 from torch import fx
 
 
+def new_tokens_per_row(module: fx.GraphModule) -> Optional[int]:
+    """Static sequence length of the step's `input_ids` placeholder (1 for a decode step), if recorded."""
+    for node in module.graph.nodes:
+        if node.op == "placeholder" and node.name == "input_ids":
+            value = node.meta.get("val")
+            if value is not None and value.dim() == 2 and isinstance(value.shape[1], int):
+                return value.shape[1]
+    return None
+
+
+class CUDAGraphStep:
+    """A compiled decode step replayed from CUDA graphs: one graph per input shape and set of cache buffers.
+
+    The graph is keyed on the addresses and shapes of the module's buffers, so a cache re-allocated by
+    `reserve` gets a new graph rather than a stale one. Capturing proves the step free of host
+    synchronisation (a synchronising call fails during capture). Logits are copied out of the graph's memory,
+    so a result stays valid after the next step.
+    """
+
+    WARMUP_RUNS = 2  # Triton/Inductor compile and the cuBLAS workspace set-up happen outside the capture
+
+    def __init__(self, module: fx.GraphModule, compiled):
+        self.module = module
+        self.compiled = compiled
+        self.graphs: dict[tuple, tuple] = {}
+
+    def _key(self, input_ids: torch.Tensor, positions: torch.Tensor) -> tuple:
+        buffers = tuple((b.data_ptr(), tuple(b.shape)) for b in self.module.buffers())
+        return tuple(input_ids.shape), input_ids.dtype, positions.dtype, input_ids.device, buffers
+
+    def _capture(self, input_ids: torch.Tensor, positions: torch.Tensor) -> tuple:
+        # Warm-up and capture run the real step on the real inputs: writing the same token at the same position
+        # again is idempotent, so the replay that follows leaves the cache as one step would.
+        ids, pos = input_ids.clone(), positions.clone()
+        side = torch.cuda.Stream(device=ids.device)
+        side.wait_stream(torch.cuda.current_stream(ids.device))
+        with torch.cuda.stream(side):
+            for _ in range(self.WARMUP_RUNS):
+                self.compiled(ids, pos)
+        torch.cuda.current_stream(ids.device).wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            out = self.compiled(ids, pos)
+        return graph, ids, pos, out
+
+    def __call__(self, input_ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        if torch.cuda.is_current_stream_capturing():  # inside a caller's own graph capture
+            return self.compiled(input_ids, positions)
+        key = self._key(input_ids, positions)
+        entry = self.graphs.get(key)
+        if entry is None:
+            entry = self.graphs[key] = self._capture(input_ids, positions)
+        graph, ids, pos, out = entry
+        ids.copy_(input_ids)
+        pos.copy_(positions)
+        graph.replay()
+        return out.clone()
+
+
 def lower(module: fx.GraphModule):
-    """Compile lazily (on first call) with Inductor; on CUDA, replay decode steps as CUDA graphs."""
+    """Compile lazily (on first call) with Inductor; on CUDA, replay decode steps as CUDA graphs.
+
+    Only the one-token step is graph-captured: its work per call is small and launch-bound. Prefill chunks run
+    compiled without graphs (their kernels are long, and a graph would pin the chunk's activations in memory).
+    """
     on_cuda = any(p.is_cuda for p in module.parameters())
     # Compile the bound forward: GraphModule.__call__ wraps errors in a way Dynamo cannot trace.
-    return torch.compile(module.forward, backend="inductor", fullgraph=True, dynamic=False,
-                         mode="reduce-overhead" if on_cuda else None)
+    compiled = torch.compile(module.forward, backend="inductor", fullgraph=True, dynamic=False)
+    if on_cuda and new_tokens_per_row(module) == 1:
+        return CUDAGraphStep(module, compiled)
+    return compiled

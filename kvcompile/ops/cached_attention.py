@@ -90,9 +90,10 @@ def cached_attention(q: Tensor, q_sink: Optional[Tensor], k: Tensor, v: Tensor, 
     cache. The cache tensors are updated in place.
     """
     if q.is_cuda and q.shape[2] == 1:
-        from kvcompile.ops.decode import decode_step
-        return decode_step(q, q_sink, k, v, k_cache, v_cache, slot_pos, positions, sink_tokens, window_tokens,
-                           scale)
+        from kvcompile.ops import decode
+        if decode.kernels_enabled():
+            return decode.decode_step(q, q_sink, k, v, k_cache, v_cache, slot_pos, positions, sink_tokens,
+                                      window_tokens, scale)
     keys = torch.cat([k_cache, k.to(k_cache.dtype)], dim=2)
     values = torch.cat([v_cache, v.to(v_cache.dtype)], dim=2)
     key_pos = torch.cat([slot_pos, positions.to(slot_pos.dtype)], dim=1)

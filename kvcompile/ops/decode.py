@@ -1,0 +1,129 @@
+"""One decode step of `kvcompile::cached_attention` on the GPU: store the new token, then split-K attention.
+
+With one new token per row, writing it first and then attending over the cache alone is exact for every layout:
+a dense cache's slot `p` was empty, and the ring slot that position `p` overwrites held position
+`p - window_tokens` (or an older one), which the query at `p` no longer sees. Both steps are Triton kernels
+(one launch for the write, two for the attention), with no host synchronisation, so the step can be captured in
+a CUDA graph.
+"""
+from __future__ import annotations
+
+import contextlib
+from typing import Iterator, Optional
+
+import torch
+from torch import Tensor
+
+from kvcompile.ops.cached_attention import write_cache
+from kvcompile.ops.decode_reference import decode_attention_reference
+from kvcompile.ops.triton_decode import decode_attention_triton, triton_available
+
+try:
+    import triton
+    import triton.language as tl
+except ImportError:  # the module stays importable; decode_step then uses the PyTorch path
+    triton = None
+
+__all__ = ["decode_step", "write_token", "kernels_enabled", "reference_attention"]
+
+_KERNELS = True
+
+
+def kernels_enabled() -> bool:
+    """Whether `cached_attention` on CUDA uses the kernels of this module (see `reference_attention`)."""
+    return _KERNELS
+
+
+@contextlib.contextmanager
+def reference_attention() -> Iterator[None]:
+    """Within this block, eager calls of `cached_attention` on CUDA take the plain PyTorch reference path.
+
+    For checking GPU programs against the reference; compiled programs and replayed CUDA graphs are unaffected.
+    """
+    global _KERNELS
+    previous, _KERNELS = _KERNELS, False
+    try:
+        yield
+    finally:
+        _KERNELS = previous
+
+
+if triton is not None:
+
+    @triton.jit
+    def _write_token_kernel(
+        K, V, KC, VC, POS, SLOT_POS,
+        stride_kb, stride_kh, stride_kd,
+        stride_vb, stride_vh, stride_vd,
+        stride_cb, stride_ch, stride_cn, stride_cd,
+        stride_wb, stride_wh, stride_wn, stride_wd,
+        stride_pb, stride_sb, stride_sn,
+        scratch, sink_tokens, window_tokens,
+        D: tl.constexpr, BLOCK_D: tl.constexpr, WINDOWED: tl.constexpr,
+    ):
+        """Store the new key/value of one (row, kv head) in its slot; kv head 0 also stores the position."""
+        b = tl.program_id(0).to(tl.int64)
+        h = tl.program_id(1).to(tl.int64)
+        p = tl.load(POS + b * stride_pb).to(tl.int64)
+        slot = p
+        if WINDOWED:
+            ring = sink_tokens + (p - sink_tokens) % window_tokens
+            slot = tl.where(p < sink_tokens, p, ring)
+        # Padding (p < 0) goes to the scratch slot; so does a position past a dense cache's end, which the
+        # reference would reject, rather than a write out of bounds.
+        slot = tl.where((p >= 0) & (slot < scratch), slot, scratch)
+
+        offs = tl.arange(0, BLOCK_D)
+        mask = offs < D
+        k = tl.load(K + b * stride_kb + h * stride_kh + offs * stride_kd, mask=mask)
+        v = tl.load(V + b * stride_vb + h * stride_vh + offs * stride_vd, mask=mask)
+        tl.store(KC + b * stride_cb + h * stride_ch + slot * stride_cn + offs * stride_cd,
+                 k.to(KC.dtype.element_ty), mask=mask)
+        tl.store(VC + b * stride_wb + h * stride_wh + slot * stride_wn + offs * stride_wd,
+                 v.to(VC.dtype.element_ty), mask=mask)
+        if h == 0:
+            kept = tl.where(slot == scratch, -1, p)
+            tl.store(SLOT_POS + b * stride_sb + slot * stride_sn, kept.to(SLOT_POS.dtype.element_ty))
+            tl.store(SLOT_POS + b * stride_sb + scratch * stride_sn, tl.full([], -1, SLOT_POS.dtype.element_ty))
+
+
+def write_token(k: Tensor, v: Tensor, k_cache: Tensor, v_cache: Tensor, slot_pos: Tensor, positions: Tensor,
+                sink_tokens: int, window_tokens: int) -> None:
+    """Store one new token per row (`k`, `v` [B, Hkv, 1, D], `positions` [B]) in place, like `write_cache`."""
+    batch, kv_heads, seq, head_dim = k.shape
+    if triton is None or seq != 1:
+        write_cache(k_cache, v_cache, slot_pos, k, v, positions.reshape(batch, seq), sink_tokens, window_tokens)
+        return
+    k3, v3 = k[:, :, 0], v[:, :, 0]
+    _write_token_kernel[(batch, kv_heads)](
+        k3, v3, k_cache, v_cache, positions, slot_pos,
+        *k3.stride(), *v3.stride(), *k_cache.stride(), *v_cache.stride(),
+        positions.stride(0), *slot_pos.stride(),
+        slot_pos.shape[1] - 1, sink_tokens, max(window_tokens, 1),
+        D=head_dim, BLOCK_D=triton.next_power_of_2(head_dim), WINDOWED=window_tokens > 0,
+        num_warps=1,
+    )
+
+
+def decode_step(q: Tensor, q_sink: Optional[Tensor], k: Tensor, v: Tensor, k_cache: Tensor, v_cache: Tensor,
+                slot_pos: Tensor, positions: Tensor, sink_tokens: int, window_tokens: int,
+                scale: float) -> Tensor:
+    """`cached_attention` for one new token per row: the same result and cache update, via Triton kernels.
+
+    `q` [B, Hq, 1, D]; returns [B, Hq, 1, D], contiguous, in q's dtype. A cache sized for more rows than `q`
+    has (a pinned `max_batch_size`) is used through its first B rows. Falls back to the PyTorch reference
+    when Triton is missing.
+    """
+    batch, q_heads, seq, head_dim = q.shape
+    if seq != 1:
+        raise ValueError(f"decode_step takes one new token per row, got {seq}")
+    k_cache, v_cache, slot_pos = k_cache[:batch], v_cache[:batch], slot_pos[:batch]
+    q_pos = positions.reshape(batch).contiguous()
+    write_token(k, v, k_cache, v_cache, slot_pos, q_pos, sink_tokens, window_tokens)
+
+    dtype = k_cache.dtype
+    query = q[:, :, 0].to(dtype)
+    query_sink = None if q_sink is None else q_sink[:, :, 0].to(dtype)
+    attention = decode_attention_triton if triton_available() else decode_attention_reference
+    out = attention(query, query_sink, k_cache, v_cache, slot_pos, q_pos, sink_tokens, window_tokens, scale)
+    return out.to(q.dtype).view(batch, q_heads, 1, head_dim)
