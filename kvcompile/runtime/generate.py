@@ -146,7 +146,7 @@ def generate(runner: StepRunner, input_ids: torch.Tensor, attention_mask: Option
         if streamer is not None:
             streamer.put(tokens.cpu())
         finished |= torch.isin(tokens, eos)
-        if step == max_new_tokens - 1 or bool(finished.all()):
+        if step == max_new_tokens - 1 or (len(eos) and bool(finished.all())):  # no host sync without eos
             break
         last_logits = runner.run_step(tokens[:, None], next_position)[:, -1]
         next_position = next_position + 1
