@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Optional
 
 import torch
 from torch import nn
@@ -29,19 +30,28 @@ class CacheLayout:
         return f"ring of {self.sink_tokens} sink + {self.window_tokens} window slots"
 
 
+# Roles whose buffers describe one sequence's history and are emptied whenever the cache is (re)allocated.
+_RESET_FILL = {"positions": -1, "selection": 0}
+
+
 @dataclass(frozen=True)
 class StateSpec:
-    """One buffer of cache state: keys/values [B, Hkv, capacity, D] or slot positions [B, capacity]."""
+    """One buffer of cache state: keys/values [B, Hkv, capacity, D], slot positions [B, capacity], or per-row
+    selection state [B, *row_shape] (role "selection": a read pass's memory across decode steps, zeroed for
+    every new generate call)."""
 
     name: str
-    role: str            # "keys" | "values" | "positions"
+    role: str            # "keys" | "values" | "positions" | "selection"
     layout: CacheLayout
     num_kv_heads: int
     head_dim: int
     dtype: torch.dtype
+    row_shape: Optional[tuple[int, ...]] = None   # role "selection" only: shape per row, independent of length
 
     def shape(self, batch: int, max_len: int) -> tuple[int, ...]:
         """Buffer shape for `batch` rows of at most `max_len` tokens."""
+        if self.row_shape is not None:
+            return (batch, *self.row_shape)
         capacity = self.layout.capacity(max_len)
         if self.role == "positions":
             return (batch, capacity)
@@ -75,10 +85,10 @@ class KVState(nn.Module):
             shape = spec.shape(batch, max_len)
             buffer = getattr(self, name)
             if tuple(buffer.shape) == shape and buffer.device == torch.device(device):
-                if spec.role == "positions":
-                    buffer.fill_(-1)
+                if spec.role in _RESET_FILL:
+                    buffer.fill_(_RESET_FILL[spec.role])
                 continue
-            fill = -1 if spec.role == "positions" else 0
+            fill = _RESET_FILL.get(spec.role, 0)
             self.register_buffer(name, torch.full(shape, fill, dtype=spec.dtype, device=device), persistent=False)
 
     def kv_bytes(self) -> int:

@@ -2,5 +2,8 @@
 from kvcompile.passes.base import Pass, StepGraph, available, from_spec, register, resolve
 from kvcompile.passes.dense import Dense
 from kvcompile.passes.streamingllm import StreamingLLM
+from kvcompile.passes.tidaldecode import TidalDecode
+from kvcompile.passes.tokenselect import TokenSelect
 
-__all__ = ["Pass", "StepGraph", "available", "from_spec", "register", "resolve", "Dense", "StreamingLLM"]
+__all__ = ["Pass", "StepGraph", "available", "from_spec", "register", "resolve", "Dense", "StreamingLLM",
+           "TidalDecode", "TokenSelect"]

@@ -1,0 +1,340 @@
+"""Triton kernels for token-selection decoding: one split-K GQA decode kernel over gathered slots, and a top-k.
+
+`decode_over_slots` is the shared attention kernel. Its grid is (batch, KV head, split); each program loads the
+G query heads of one KV head and streams its share of a list of cache slots in blocks with an online softmax,
+like `kvcompile.ops.triton_decode`, but the list is either every slot (`indices=None`) or that KV head's own
+selected slots, which are gathered inside the kernel (the block of slot numbers is loaded, then their positions,
+keys and values; no gathered K/V copy is materialised). The new token, not yet in the cache, is folded into the
+first split. A second kernel merges the splits and, on request, writes each query head's log-sum-exp. The same
+kernel can also store every raw score (for selection) and skip computing the output (scoring only), and can skip
+whole rows by a device-side flag (TokenSelect rows that reuse their selection), so nothing syncs with the host
+and decode steps stay capturable in CUDA graphs.
+
+`topk_triton` is a two-stage (then repeated) block top-k: scores are packed with their index into int64 keys
+that order like (score, -index), each block keeps its top power-of-two keys with `tl.topk`, and blocks of
+survivors are reduced again until one block remains.
+
+Everything here also runs on CPU tensors under `TRITON_INTERPRET=1` (that is how the tests run it).
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+from kvcompile.ops.triton_decode import _LOG2E, _choose_splits, _launch_config, _num_sms, triton_available
+
+try:
+    import triton
+    import triton.language as tl
+except ImportError:  # the module stays importable; calling a kernel raises instead
+    triton = None
+
+__all__ = ["decode_over_slots", "select_decode_step", "sparse_decode_step", "tokenselect_step", "topk_triton",
+           "topk_slots_triton", "triton_available"]
+
+_INT64_MIN = -(2 ** 63)
+_LOW = 2 ** 31 - 1  # index field of a packed key: LOW - index, so equal scores prefer the lower index
+_TOPK_BLOCK = 1024  # entries per block of the top-k stages (at least the padded k)
+
+
+if triton is not None:
+
+    @triton.jit
+    def _slots_split_kernel(
+        Q, QS, KN, VN, K, V, POS, QPOS, IDX, SKIP, WS, SC,
+        stride_qb, stride_qh, stride_qd,
+        stride_sb, stride_sh, stride_sd,
+        stride_knb, stride_knh, stride_knd,
+        stride_vnb, stride_vnh, stride_vnd,
+        stride_kb, stride_kh, stride_kn, stride_kd,
+        stride_vb, stride_vh, stride_vn, stride_vd,
+        stride_pb, stride_pn,
+        stride_ib, stride_ih, stride_in,
+        M, chunk_len, sink_tokens, window_tokens, qk_scale, score_scale,
+        G: tl.constexpr, D: tl.constexpr,
+        BLOCK_G: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr,
+        GATHER: tl.constexpr, HAS_QSINK: tl.constexpr, WINDOWED: tl.constexpr, HAS_SKIP: tl.constexpr,
+        STORE_SCORES: tl.constexpr, COMPUTE_OUT: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    ):
+        """Online softmax of the G heads of one KV head over one chunk of its slot list (+ the new token)."""
+        b = tl.program_id(0).to(tl.int64)
+        kvh = tl.program_id(1).to(tl.int64)
+        split = tl.program_id(2)
+        if HAS_SKIP:
+            if tl.load(SKIP + b) != 0:
+                return
+
+        offs_g = tl.arange(0, BLOCK_G)
+        offs_d = tl.arange(0, BLOCK_D)
+        heads = kvh * G + offs_g
+        g_mask = offs_g < G
+        d_mask = offs_d < D
+        q_mask = g_mask[:, None] & d_mask[None, :]
+        q = tl.load(Q + b * stride_qb + heads[:, None] * stride_qh + offs_d[None, :] * stride_qd,
+                    mask=q_mask, other=0.0)
+        if HAS_QSINK:
+            qs = tl.load(QS + b * stride_sb + heads[:, None] * stride_sh + offs_d[None, :] * stride_sd,
+                         mask=q_mask, other=0.0)
+        qp = tl.load(QPOS + b)
+
+        m_i = tl.full([BLOCK_G], float("-inf"), tl.float32)
+        l_i = tl.zeros([BLOCK_G], tl.float32)
+        acc = tl.zeros([BLOCK_G, BLOCK_D], tl.float32)
+        if COMPUTE_OUT:
+            if split == 0:  # the new token: position qp, always inside the window, visible unless padding
+                kn = tl.load(KN + b * stride_knb + kvh * stride_knh + offs_d * stride_knd, mask=d_mask, other=0.0)
+                vn = tl.load(VN + b * stride_vnb + kvh * stride_vnh + offs_d * stride_vnd, mask=d_mask, other=0.0)
+                if HAS_QSINK:
+                    qn = tl.where(qp < sink_tokens, qs, q)
+                else:
+                    qn = q
+                s_new = tl.sum(qn.to(tl.float32) * kn.to(tl.float32)[None, :], 1) * qk_scale
+                seen = qp >= 0
+                m_i = tl.where(seen, s_new, m_i)
+                l_i = tl.where(seen, 1.0, l_i)
+                acc = tl.where(seen, vn.to(tl.float32)[None, :] + acc, acc)
+
+        k_base = K + b * stride_kb + kvh * stride_kh + offs_d[None, :] * stride_kd
+        v_base = V + b * stride_vb + kvh * stride_vh + offs_d[None, :] * stride_vd
+        start = split * chunk_len
+        end = tl.minimum(start + chunk_len, M)
+        for n0 in range(start, end, BLOCK_N):
+            offs_n = n0 + tl.arange(0, BLOCK_N)
+            in_range = offs_n < end
+            if GATHER:
+                slot = tl.load(IDX + b * stride_ib + kvh * stride_ih + offs_n * stride_in, mask=in_range, other=0)
+            else:
+                slot = offs_n.to(tl.int64)
+            pos = tl.load(POS + b * stride_pb + slot * stride_pn, mask=in_range, other=-1)
+            is_sink = pos < sink_tokens
+            vis = (pos >= 0) & (pos <= qp)
+            if WINDOWED:
+                vis = vis & (is_sink | (pos > qp - window_tokens))
+            kv_mask = vis[:, None] & d_mask[None, :]
+            k = tl.load(k_base + slot[:, None] * stride_kn, mask=kv_mask, other=0.0)
+            s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION)
+            if HAS_QSINK:
+                s_sink = tl.dot(qs, tl.trans(k), input_precision=DOT_PRECISION)
+                s = tl.where(is_sink[None, :], s_sink, s)
+            if STORE_SCORES:
+                rows = (b * tl.num_programs(1) * G + heads) * M
+                tl.store(SC + rows[:, None] + offs_n[None, :],
+                         tl.where(vis[None, :], s * score_scale, float("-inf")),
+                         mask=g_mask[:, None] & in_range[None, :])
+            if COMPUTE_OUT:
+                s = tl.where(vis[None, :], s * qk_scale, float("-inf"))
+                m_new = tl.maximum(m_i, tl.max(s, 1))
+                m_shift = tl.where(m_new == float("-inf"), 0.0, m_new)
+                alpha = tl.exp2(m_i - m_shift)
+                p = tl.exp2(s - m_shift[:, None])
+                l_i = l_i * alpha + tl.sum(p, 1)
+                v = tl.load(v_base + slot[:, None] * stride_vn, mask=kv_mask, other=0.0)
+                acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
+                m_i = m_new
+
+        if COMPUTE_OUT:
+            num_splits = tl.num_programs(2)
+            n_rows = tl.num_programs(0) * tl.num_programs(1) * G * num_splits
+            ws_row = (b * (tl.num_programs(1) * G) + heads) * num_splits + split
+            tl.store(WS + ws_row[:, None] * D + offs_d[None, :], acc, mask=q_mask)
+            tl.store(WS + n_rows * D + ws_row, m_i, mask=g_mask)
+            tl.store(WS + n_rows * (D + 1) + ws_row, l_i, mask=g_mask)
+
+    @triton.jit
+    def _slots_merge_kernel(
+        WS, OUT, LSE, num_splits,
+        D: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_D: tl.constexpr, STORE_LSE: tl.constexpr,
+    ):
+        """Merge the split partials of one (batch, query head) row; optionally store its natural log-sum-exp."""
+        row = tl.program_id(0)
+        offs_s = tl.arange(0, BLOCK_S)
+        offs_d = tl.arange(0, BLOCK_D)
+        s_mask = offs_s < num_splits
+        d_mask = offs_d < D
+        n_rows = tl.num_programs(0) * num_splits
+        ws_row = row * num_splits + offs_s
+        acc = tl.load(WS + ws_row[:, None] * D + offs_d[None, :], mask=s_mask[:, None] & d_mask[None, :], other=0.0)
+        m = tl.load(WS + n_rows * D + ws_row, mask=s_mask, other=float("-inf"))
+        l = tl.load(WS + n_rows * (D + 1) + ws_row, mask=s_mask, other=0.0)
+        m_max = tl.max(m, 0)
+        m_ref = tl.where(m_max == float("-inf"), 0.0, m_max)
+        w = tl.exp2(m - m_ref)
+        l_tot = tl.sum(w * l, 0)
+        out = tl.sum(w[:, None] * acc, 0) / tl.where(l_tot > 0.0, l_tot, 1.0)
+        tl.store(OUT + row * D + offs_d, out.to(OUT.dtype.element_ty), mask=d_mask)
+        if STORE_LSE:
+            lse = tl.where(l_tot > 0.0, (m_ref + tl.log2(l_tot)) / 1.4426950408889634, float("-inf"))
+            tl.store(LSE + row, lse)
+
+    @triton.jit
+    def _block_topk_kernel(
+        SRC, DST, n, stride_src, stride_dst,
+        FROM_SCORES: tl.constexpr, BLOCK: tl.constexpr, KP: tl.constexpr,
+    ):
+        """Top KP packed keys of one block of one row (from float scores, or from packed keys)."""
+        row = tl.program_id(0).to(tl.int64)
+        blk = tl.program_id(1)
+        offs = blk * BLOCK + tl.arange(0, BLOCK)
+        mask = offs < n
+        if FROM_SCORES:
+            x = tl.load(SRC + row * stride_src + offs, mask=mask, other=float("-inf")).to(tl.float32)
+            bits = x.to(tl.int32, bitcast=True)
+            ordered = bits ^ ((bits >> 31) & 0x7FFFFFFF)  # signed ints that order like the floats
+            key = (ordered.to(tl.int64) << 32) | (2147483647 - offs).to(tl.int64)
+            key = tl.where(mask, key, -9223372036854775808)
+        else:
+            key = tl.load(SRC + row * stride_src + offs, mask=mask, other=-9223372036854775808)
+        top = tl.topk(key, KP)
+        tl.store(DST + row * stride_dst + blk * KP + tl.arange(0, KP), top)
+
+
+def _require_triton() -> None:
+    if triton is None:
+        raise ImportError("the sparse decode kernels need Triton: pip install triton")
+
+
+def topk_triton(scores: Tensor, k: int) -> tuple[Tensor, Tensor]:
+    """Top `k` of each row of float `scores` [R, N]: (values float32 [R, k], indices int64 [R, k]), largest
+    first, equal scores by lower index. Entries past N (when k > N) have value -inf and index -1."""
+    _require_triton()
+    rows, n = scores.shape
+    kp = triton.next_power_of_2(max(k, 1))
+    block = max(kp, min(_TOPK_BLOCK, triton.next_power_of_2(max(n, 1))))
+    src, from_scores, width = scores.contiguous(), True, n
+    while True:
+        blocks = triton.cdiv(width, block)
+        dst = torch.empty(rows, blocks * kp, dtype=torch.int64, device=scores.device)
+        _block_topk_kernel[(rows, blocks)](src, dst, width, src.stride(0), dst.stride(0),
+                                           FROM_SCORES=from_scores, BLOCK=block, KP=kp)
+        src, from_scores, width = dst, False, dst.shape[1]
+        if blocks == 1:
+            break
+        block = max(kp, min(_TOPK_BLOCK * 4, triton.next_power_of_2(width)))
+    keys = src[:, :k]
+    valid = keys != _INT64_MIN
+    ordered = keys >> 32
+    bits = (ordered ^ ((ordered >> 31) & 0x7FFFFFFF)).to(torch.int32)
+    values = torch.where(valid, bits.view(torch.float32), float("-inf"))
+    indices = torch.where(valid, _LOW - (keys & 0xFFFFFFFF), -1)
+    return values, indices
+
+
+def topk_slots_triton(scores: Tensor, k: int, scratch: int) -> Tensor:
+    """`kvcompile.ops.sparse_attention.topk_slots` with the Triton top-k: [..., N] -> int64 [..., k]."""
+    lead = scores.shape[:-1]
+    values, indices = topk_triton(scores.reshape(-1, scores.shape[-1]).float(), k)
+    indices = torch.where(values == float("-inf"), scratch, indices)
+    return indices.view(*lead, k)
+
+
+def decode_over_slots(q: Tensor, q_sink: Optional[Tensor], k_new: Tensor, v_new: Tensor, k_cache: Tensor,
+                      v_cache: Tensor, slot_pos: Tensor, q_pos: Tensor, indices: Optional[Tensor],
+                      sink_tokens: int, window_tokens: int, scale: float, *, num_splits: Optional[int] = None,
+                      with_lse: bool = False, scores: bool = False, score_scale: Optional[float] = None,
+                      compute_out: bool = True, skip: Optional[Tensor] = None):
+    """One query token per row over a list of cache slots plus the new token; returns `(out, lse, scores)`.
+
+    Shapes: `q`/`q_sink` [B, Hq, D]; `k_new`/`v_new` [B, Hkv, D]; caches [B, Hkv, N, D]; `slot_pos` [B, N];
+    `q_pos` [B]; `indices` [B, Hkv, M] int64 slot numbers per KV head, or None for all N slots. Semantics are
+    `sparse_cached_attention`'s (visibility by position, sinks scored with `q_sink`). `out` [B, Hq, D] (None
+    without `compute_out`); `lse` [B, Hq] natural log-sum-exp of the scaled scores (with `with_lse`); `scores`
+    [B, Hkv, G, M] float32 raw q·k times `score_scale` (default `scale`), -inf where not visible (with
+    `scores`). Rows with `skip[b] != 0` are not computed (their outputs are undefined).
+    """
+    _require_triton()
+    B, Hq, D = q.shape
+    _, Hkv, N, _ = k_cache.shape
+    if Hq % Hkv or v_cache.shape != k_cache.shape or tuple(k_new.shape) != (B, Hkv, D):
+        raise ValueError(f"incompatible shapes q {tuple(q.shape)}, k_new {tuple(k_new.shape)}, "
+                         f"cache {tuple(k_cache.shape)}")
+    G = Hq // Hkv
+    M = N if indices is None else indices.shape[2]
+    k_new, v_new = k_new.to(k_cache.dtype), v_new.to(v_cache.dtype)
+    q, q_sink = q.to(k_cache.dtype), None if q_sink is None else q_sink.to(k_cache.dtype)
+    out = torch.empty_like(q, memory_format=torch.contiguous_format) if compute_out else None
+    lse = torch.empty(B, Hq, device=q.device, dtype=torch.float32) if with_lse else None
+    sc = torch.empty(B, Hkv, G, M, device=q.device, dtype=torch.float32) if scores else None
+    if B == 0:
+        return out, lse, sc
+
+    BLOCK_D = triton.next_power_of_2(D)
+    BLOCK_G = max(16, triton.next_power_of_2(G))
+    BLOCK_N, num_warps, num_stages = _launch_config(BLOCK_D, k_cache.element_size())
+    splits = num_splits or _choose_splits(max(M, 1), B * Hkv, BLOCK_N, _num_sms(q.device))
+    chunk_len = BLOCK_N * max(1, triton.cdiv(triton.cdiv(max(M, 1), splits), BLOCK_N))
+    splits = max(1, triton.cdiv(max(M, 1), chunk_len))
+    ws = torch.empty(B * Hq * splits * (D + 2) if compute_out else 1, device=q.device, dtype=torch.float32)
+    qs = q if q_sink is None else q_sink
+    idx = indices if indices is not None else slot_pos  # any tensor; unused when not gathering
+    idx_strides = indices.stride() if indices is not None else (0, 0, 0)
+    flag = skip if skip is not None else q_pos
+
+    _slots_split_kernel[(B, Hkv, splits)](
+        q, qs, k_new, v_new, k_cache, v_cache, slot_pos, q_pos, idx, flag, ws,
+        sc if sc is not None else ws,
+        *q.stride(), *qs.stride(), *k_new.stride(), *v_new.stride(), *k_cache.stride(), *v_cache.stride(),
+        *slot_pos.stride(), *idx_strides,
+        M, chunk_len, sink_tokens, window_tokens, scale * _LOG2E, scale if score_scale is None else score_scale,
+        G=G, D=D, BLOCK_G=BLOCK_G, BLOCK_D=BLOCK_D, BLOCK_N=BLOCK_N,
+        GATHER=indices is not None, HAS_QSINK=q_sink is not None, WINDOWED=window_tokens > 0,
+        HAS_SKIP=skip is not None, STORE_SCORES=scores, COMPUTE_OUT=compute_out,
+        DOT_PRECISION="ieee" if q.dtype == torch.float32 else None,
+        num_warps=num_warps, num_stages=num_stages,
+    )
+    if compute_out:
+        _slots_merge_kernel[(B * Hq,)](
+            ws, out, lse if lse is not None else ws, splits,
+            D=D, BLOCK_S=triton.next_power_of_2(splits), BLOCK_D=BLOCK_D, STORE_LSE=with_lse, num_warps=4,
+        )
+    return out, lse, sc
+
+
+# --- the ops' fast paths (decode steps: q [B, Hq, 1, D]) -----------------------------------------------------
+def sparse_decode_step(q, q_sink, k, v, k_cache, v_cache, slot_pos, positions, indices, sink_tokens,
+                       window_tokens, scale):
+    """`sparse_cached_attention` on the kernel: gathered slots + the new token, then the new token is stored."""
+    from kvcompile.ops.cached_attention import write_cache
+    out, _, _ = decode_over_slots(q[:, :, 0], None if q_sink is None else q_sink[:, :, 0], k[:, :, 0], v[:, :, 0],
+                                  k_cache, v_cache, slot_pos, positions[:, 0], indices, sink_tokens, window_tokens,
+                                  scale)
+    write_cache(k_cache, v_cache, slot_pos, k, v, positions, sink_tokens, window_tokens)
+    return out[:, :, None].to(q.dtype)
+
+
+def select_decode_step(q, q_sink, k, v, k_cache, v_cache, slot_pos, positions, sink_tokens, window_tokens, scale,
+                       num_selected):
+    """`cached_attention_select` on the kernels: full attention that also keeps every score, the group's
+    attention mass per slot from the scores and each head's log-sum-exp, then the Triton top-k."""
+    from kvcompile.ops.cached_attention import visible_keys, write_cache
+    out, lse, scores = decode_over_slots(
+        q[:, :, 0], None if q_sink is None else q_sink[:, :, 0], k[:, :, 0], v[:, :, 0], k_cache, v_cache,
+        slot_pos, positions[:, 0], None, sink_tokens, window_tokens, scale, with_lse=True, scores=True)
+    B, Hkv, G, N = scores.shape
+    mass = torch.exp(scores - lse.view(B, Hkv, G, 1)).sum(dim=2)
+    visible = visible_keys(positions[:, -1:], slot_pos, sink_tokens, window_tokens)[:, 0]
+    indices = topk_slots_triton(mass.masked_fill(~visible[:, None, :], float("-inf")), num_selected, N - 1)
+    write_cache(k_cache, v_cache, slot_pos, k, v, positions, sink_tokens, window_tokens)
+    return out[:, :, None].to(q.dtype), indices
+
+
+def tokenselect_step(q, q_fingerprint, k_cache, slot_pos, positions, fingerprints, selected, sink_tokens,
+                     window_tokens, init_tokens, local_tokens, top_k, threshold):
+    """`tokenselect_indices` with the scores from the kernel (rows that reuse their selection, or read every
+    token, are skipped on the device) and the Triton top-k."""
+    from kvcompile.ops.sparse_attention import tokenselect_choice
+    B, Hq, _, D = q.shape
+    Hkv = k_cache.shape[1]
+
+    def logits_of(skip_rows: Tensor) -> Tensor:
+        zeros = k_cache.new_zeros(B, Hkv, D)
+        _, _, scores = decode_over_slots(q[:, :, 0], None, zeros, zeros, k_cache, k_cache, slot_pos,
+                                         positions[:, 0], None, sink_tokens, window_tokens, 1.0, scores=True,
+                                         score_scale=1.0, compute_out=False, skip=skip_rows.to(torch.int8))
+        return scores.view(B, Hq, -1)
+
+    return tokenselect_choice(q, q_fingerprint, k_cache, slot_pos, positions, fingerprints, selected, sink_tokens,
+                              window_tokens, init_tokens, local_tokens, top_k, threshold, logits_of=logits_of,
+                              topk=topk_slots_triton)
+
