@@ -37,9 +37,11 @@ def cache_slots(positions: Tensor, capacity: int, sink_tokens: int, window_token
 
 
 def visible_keys(query_pos: Tensor, key_pos: Tensor, sink_tokens: int, window_tokens: int) -> Tensor:
-    """Boolean [B, S, T]: which keys (positions `key_pos` [B, T]) each query (`query_pos` [B, S]) reads."""
-    qp = query_pos[:, :, None]
-    kp = key_pos[:, None, :]
+    """Which keys each query reads: [B, S, T] for key positions [B, T], [B, Hkv, S, T] for per-head [B, Hkv, T].
+
+    `query_pos` is [B, S]."""
+    qp = query_pos[:, :, None] if key_pos.dim() == 2 else query_pos[:, None, :, None]
+    kp = key_pos[..., None, :]
     visible = (kp >= 0) & (kp <= qp)
     if window_tokens:
         visible &= (kp < sink_tokens) | (kp > qp - window_tokens)
@@ -59,11 +61,16 @@ def write_cache(k_cache: Tensor, v_cache: Tensor, slot_pos: Tensor, k: Tensor, v
 
 
 def attend(q: Tensor, q_sink: Optional[Tensor], keys: Tensor, values: Tensor, key_pos: Tensor,
-           positions: Tensor, sink_tokens: int, window_tokens: int, scale: float) -> Tensor:
-    """Masked GQA attention in float32 over explicit keys; queries that see nothing get zeros."""
+           positions: Tensor, sink_tokens: int, window_tokens: int, scale: float, with_probs: bool = False):
+    """Masked GQA attention in float32 over explicit keys; queries that see nothing get zeros.
+
+    `q` [B, Hq, S, D]; `keys`/`values` [B, Hkv, T, D]; `key_pos` [B, T], or [B, Hkv, T] when each KV head holds
+    different tokens. With `with_probs`, also returns the probabilities [B, Hkv, G, S, T].
+    """
     batch, q_heads, seq, head_dim = q.shape
     kv_heads = keys.shape[1]
     group = q_heads // kv_heads
+    per_head_pos = key_pos if key_pos.dim() == 3 else key_pos[:, None, :]
 
     def scores_of(query: Tensor) -> Tensor:
         grouped = query.float().reshape(batch, kv_heads, group * seq, head_dim)
@@ -71,13 +78,13 @@ def attend(q: Tensor, q_sink: Optional[Tensor], keys: Tensor, values: Tensor, ke
 
     scores = scores_of(q)
     if q_sink is not None:
-        is_sink = (key_pos < sink_tokens)[:, None, None, None, :]
+        is_sink = (per_head_pos < sink_tokens)[:, :, None, None, :]
         scores = torch.where(is_sink, scores_of(q_sink), scores)
-    visible = visible_keys(positions, key_pos, sink_tokens, window_tokens)[:, None, None]
-    scores = scores.masked_fill(~visible, float("-inf"))
-    probs = torch.softmax(scores, dim=-1).nan_to_num(0.0)
+    visible = visible_keys(positions, per_head_pos, sink_tokens, window_tokens)[:, :, None]
+    probs = torch.softmax(scores.masked_fill(~visible, float("-inf")), dim=-1).nan_to_num(0.0)
     out = probs.view(batch, kv_heads, group * seq, -1) @ values.float()
-    return out.view(batch, q_heads, seq, head_dim).to(q.dtype)
+    out = out.view(batch, q_heads, seq, head_dim).to(q.dtype)
+    return (out, probs) if with_probs else out
 
 
 @torch.library.custom_op("kvcompile::cached_attention", mutates_args=("k_cache", "v_cache", "slot_pos"))

@@ -29,7 +29,7 @@ from typing import Callable, Optional
 import torch
 from torch import Tensor
 
-from kvcompile.ops.cached_attention import visible_keys, write_cache
+from kvcompile.ops.cached_attention import attend, visible_keys, write_cache
 
 NEG_INF = float("-inf")
 
@@ -59,41 +59,8 @@ def topk_slots(scores: Tensor, k: int, scratch: int) -> Tensor:
     return idx
 
 
-def _visible_per_head(positions: Tensor, key_pos: Tensor, sink_tokens: int, window_tokens: int) -> Tensor:
-    """Boolean [B, Hkv, S, T]: query positions [B, S] against per-head key positions [B, Hkv, T]."""
-    qp = positions[:, None, :, None]
-    kp = key_pos[:, :, None, :]
-    visible = (kp >= 0) & (kp <= qp)
-    if window_tokens:
-        visible &= (kp < sink_tokens) | (kp > qp - window_tokens)
-    return visible
-
-
-def attend_per_head(q: Tensor, q_sink: Optional[Tensor], keys: Tensor, values: Tensor, key_pos: Tensor,
-                    positions: Tensor, sink_tokens: int, window_tokens: int, scale: float,
-                    with_probs: bool = False):
-    """Masked GQA attention in float32 where each KV head has its own keys and key positions.
-
-    `q` [B, Hq, S, D]; `keys`/`values` [B, Hkv, T, D]; `key_pos` [B, Hkv, T]. Queries that see nothing get
-    zeros. With `with_probs`, also returns the probabilities [B, Hkv, G, S, T].
-    """
-    batch, q_heads, seq, head_dim = q.shape
-    kv_heads = keys.shape[1]
-    group = q_heads // kv_heads
-
-    def scores_of(query: Tensor) -> Tensor:
-        grouped = query.float().reshape(batch, kv_heads, group * seq, head_dim)
-        return (grouped @ keys.float().transpose(-1, -2)).view(batch, kv_heads, group, seq, -1) * scale
-
-    scores = scores_of(q)
-    if q_sink is not None:
-        is_sink = (key_pos < sink_tokens)[:, :, None, None, :]
-        scores = torch.where(is_sink, scores_of(q_sink), scores)
-    visible = _visible_per_head(positions, key_pos, sink_tokens, window_tokens)[:, :, None]
-    probs = torch.softmax(scores.masked_fill(~visible, NEG_INF), dim=-1).nan_to_num(0.0)
-    out = probs.view(batch, kv_heads, group * seq, -1) @ values.float()
-    out = out.view(batch, q_heads, seq, head_dim).to(q.dtype)
-    return (out, probs) if with_probs else out
+# Attention over per-head key positions [B, Hkv, T] is the op's reference attention.
+attend_per_head = attend
 
 
 def _with_new_tokens(k_cache: Tensor, v_cache: Tensor, slot_pos: Tensor, k: Tensor, v: Tensor,
