@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Optional
+from typing import Callable, Union
 
 import torch
 from torch import nn
@@ -30,39 +30,51 @@ class CacheLayout:
         return f"ring of {self.sink_tokens} sink + {self.window_tokens} window slots"
 
 
-# Roles whose buffers describe one sequence's history and are emptied whenever the cache is (re)allocated.
-_RESET_FILL = {"positions": -1, "selection": 0}
+@dataclass(frozen=True)
+class Slots:
+    """The `StateSpec` dimension that is the cache's slot count (scratch slot included)."""
+
+    def __call__(self, slots: int) -> int:
+        return slots
+
+
+SLOTS = Slots()
+
+# A dimension of a state buffer after the batch: a fixed size, or a rule that sizes it for the cache's slot
+# count. Rules are compared by value (specs are declared once per captured step), so make them frozen
+# dataclasses like `Slots`.
+Dim = Union[int, Callable[[int], int]]
+
+
+def resolve_dims(dims: tuple[Dim, ...], slots: int) -> tuple[int, ...]:
+    """`dims` with every rule replaced by its size for a cache of `slots` slots."""
+    return tuple(d if isinstance(d, int) else d(slots) for d in dims)
 
 
 @dataclass(frozen=True)
 class StateSpec:
-    """One buffer of cache state: keys/values [B, Hkv, capacity, D], slot positions [B, capacity], or per-row
-    selection state [B, *row_shape] (role "selection": a read pass's memory across decode steps, zeroed for
-    every new generate call)."""
+    """One buffer of cache state: [B, *dims] of `dtype`, holding `fill` everywhere at the start of each generate
+    call. Rule dims follow `layout.capacity(max_len)`: keys [Hkv, SLOTS, D], slot positions [SLOTS] filled with
+    -1, a read pass's memory per row [F], quantized planes sized by their own rules. `role` says what the buffer
+    holds ("keys", "values", "positions", ...), for tools that treat some buffers specially."""
 
     name: str
-    role: str            # "keys" | "values" | "positions" | "selection"
+    role: str
     layout: CacheLayout
-    num_kv_heads: int
-    head_dim: int
+    dims: tuple[Dim, ...]
     dtype: torch.dtype
-    row_shape: Optional[tuple[int, ...]] = None   # role "selection" only: shape per row, independent of length
+    fill: Union[int, float] = 0
 
     def shape(self, batch: int, max_len: int) -> tuple[int, ...]:
         """Buffer shape for `batch` rows of at most `max_len` tokens."""
-        if self.row_shape is not None:
-            return (batch, *self.row_shape)
-        capacity = self.layout.capacity(max_len)
-        if self.role == "positions":
-            return (batch, capacity)
-        return (batch, self.num_kv_heads, capacity, self.head_dim)
+        return (batch, *resolve_dims(self.dims, self.layout.capacity(max_len)))
 
 
 class KVState(nn.Module):
     """Holds every cache buffer as a module buffer, so compiled programs see stable addresses.
 
     Step graphs read buffers through `get_attr` nodes (`kv_state.<name>`); `allocate` sizes them for a
-    generate call and reuses them (resetting positions to empty) when the shapes are unchanged.
+    generate call and reuses them (reset to their fill values) when the shapes are unchanged.
     """
 
     def __init__(self):
@@ -80,16 +92,15 @@ class KVState(nn.Module):
         return f"kv_state.{spec.name}"
 
     def allocate(self, batch: int, max_len: int, device: torch.device) -> None:
-        """Size every buffer for `batch` rows of at most `max_len` tokens, emptied."""
+        """Size every buffer for `batch` rows of at most `max_len` tokens, each holding its spec's fill value."""
         for name, spec in self.specs.items():
             shape = spec.shape(batch, max_len)
             buffer = getattr(self, name)
             if tuple(buffer.shape) == shape and buffer.device == torch.device(device):
-                if spec.role in _RESET_FILL:
-                    buffer.fill_(_RESET_FILL[spec.role])
-                continue
-            fill = _RESET_FILL.get(spec.role, 0)
-            self.register_buffer(name, torch.full(shape, fill, dtype=spec.dtype, device=device), persistent=False)
+                buffer.fill_(spec.fill)
+            else:
+                self.register_buffer(name, torch.full(shape, spec.fill, dtype=spec.dtype, device=device),
+                                     persistent=False)
 
     def kv_bytes(self) -> int:
         """Bytes held by all cache buffers as currently allocated."""

@@ -33,6 +33,7 @@ class OptimizedModel(runtime.Runner):
         self.steps: dict[int, StepGraph] = {n: build_step(model, n, passes, self.state)
                                             for n in sorted({1, prefill_chunk})}
         self._lowered = {n: backends.lower(step.module, backend) for n, step in self.steps.items()}
+        self.hooks = [hook for hook in (p.runtime_hook(self.state) for p in passes) if hook is not None]
         if max_cache_len is not None:
             self.reserve(max_batch_size or 1, max_cache_len)
 
@@ -50,11 +51,17 @@ class OptimizedModel(runtime.Runner):
                     "max_cache_len (or a streaming pass, whose cache does not grow).")
             batch, max_len = self.max_batch_size or batch, self.max_cache_len
         self.state.allocate(batch, max_len, self.device)
+        for hook in self.hooks:
+            hook.reset()
 
     def run_step(self, input_ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
-        """Logits for one step of new tokens (the prefill chunk or one token per row)."""
+        """Logits for one step of new tokens (the prefill chunk or one token per row), then the passes' work
+        between steps."""
         with torch.no_grad():
-            return self._lowered[input_ids.shape[1]](input_ids, positions)
+            logits = self._lowered[input_ids.shape[1]](input_ids, positions)
+        for hook in self.hooks:
+            hook.after_step(input_ids.shape[1])
+        return logits
 
     # --- user API (logits_stream, __call__, generate come from runtime.Runner) -------------------------------
     def kv_bytes(self) -> int:

@@ -18,6 +18,11 @@ from transformers import (GPTNeoXConfig, GPTNeoXForCausalLM, LlamaConfig, LlamaF
 VOCAB = 96
 
 
+def rel_err(a, b):
+    """Largest absolute difference relative to the largest magnitude of `b`."""
+    return ((a - b).abs().max() / b.abs().max()).item()
+
+
 def _common(**extra):
     return dict(vocab_size=VOCAB, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
                 max_position_embeddings=512, **extra)

@@ -13,12 +13,12 @@ pytest.importorskip("onnxscript")
 import onnx  # noqa: E402
 
 import kvcompile  # noqa: E402
-from conftest import VOCAB, left_padded_batch, tiny_hf_model  # noqa: E402
+from conftest import VOCAB, left_padded_batch, rel_err, tiny_hf_model  # noqa: E402
 from kvcompile.backends import onnxruntime as ort_backend  # noqa: E402
 from kvcompile.backends import tensorrt as trt_backend  # noqa: E402
 from kvcompile.backends.manifest import Manifest  # noqa: E402
 from kvcompile.backends.onnx_export import FUNCTIONAL_FORMS  # noqa: E402
-from kvcompile.cache import CacheLayout, KVState, StateSpec  # noqa: E402
+from kvcompile.cache import SLOTS, CacheLayout, KVState, StateSpec  # noqa: E402
 from kvcompile.graph.functional import functionalise  # noqa: E402
 from kvcompile.passes import StreamingLLM  # noqa: E402
 
@@ -26,10 +26,6 @@ NEW_TOKENS = 10
 # Streaming cache of 2 sinks + 6 window slots: prompts of 4 fit it, prompts of 20 overflow it.
 PASSES = {"dense": ["dense"], "streamingllm": [StreamingLLM(sink_tokens=2, window_tokens=6)]}
 BATCHES = {"1x4": ([4], 4), "1x20": ([20], 20), "3x4": ([4, 1, 3], 4), "3x20": ([20, 4, 13], 20)}
-
-
-def rel_err(a, b):
-    return ((a - b).abs().max() / b.abs().max()).item()
 
 
 @pytest.fixture(scope="module", params=list(PASSES))
@@ -137,7 +133,7 @@ def test_tensorrt_op_check_names_unsupported_ops(tmp_path):
 
 def test_state_read_outside_a_functional_op_is_named():
     state = KVState()
-    target = state.declare(StateSpec("layer0_keys", "keys", CacheLayout(), 1, 4, torch.float32))
+    target = state.declare(StateSpec("layer0_keys", "keys", CacheLayout(), (1, SLOTS, 4), torch.float32))
     graph = fx.Graph()
     x = graph.placeholder("x")
     graph.output(graph.call_function(torch.ops.aten.add.Tensor, (x, graph.get_attr(target))))

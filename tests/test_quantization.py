@@ -8,7 +8,7 @@ from conftest import tiny_hf_model
 from kvcompile.ops.quantization import (channel_scales, dequantize_rows, dequantize_state, empty_state, fake_quantize,
                                         free_high_rows, kv_bytes, normalized_attention_saliency, pack_bits,
                                         probe_queries, quantize_into, quantize_rows, regular_count,
-                                        select_salient, unpack_bits)
+                                        salient_allowance, select_salient, unpack_bits)
 from kvcompile.reference.zipcache import zipcache_logits
 
 
@@ -133,6 +133,24 @@ def test_select_salient_counts():
     assert (chosen_min > skipped_max).all()
     capped = select_salient(saliency, valid, 0.6, high_free=torch.tensor([5, 100, 0]))
     assert capped.sum(-1)[:, 0].tolist() == [5, 14, 0]
+
+
+def test_salient_allowance_fills_the_planes_exactly():
+    """Blocks whose 40% is fractional: the allowance keeps all but floor(0.4 * tokens so far) salient, so the
+    planes (sized for the whole cache) end exactly full."""
+    gen = torch.Generator().manual_seed(0)
+    state = empty_state(1, 2, 16, 49, streaming_gap=4, dtype=torch.float32)
+    total = 0
+    for n in (7, 3, 11, 1, 5, 9, 13):
+        count = torch.tensor([n])
+        k = torch.randn(1, 2, n, 16, generator=gen)
+        valid = torch.ones(1, n, dtype=torch.bool)
+        salient = select_salient(torch.rand(1, 2, n, generator=gen), valid, 0.6, salient_allowance(state, count, 0.6))
+        assert abs(int(salient[0, 0].sum()) - (n - regular_count(n, 0.6))) <= 1
+        quantize_into(state, k, k, salient, count)
+        total += n
+        assert int(free_high_rows(state)) == (49 - regular_count(49, 0.6)) - (total - regular_count(total, 0.6))
+    assert int(free_high_rows(state)) == 0
 
 
 def test_bytes_ratio_at_paper_setting():

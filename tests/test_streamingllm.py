@@ -3,15 +3,11 @@ import pytest
 import torch
 
 import kvcompile
-from conftest import VOCAB, left_padded_batch, tiny_hf_model
+from conftest import VOCAB, left_padded_batch, rel_err, tiny_hf_model
 from kvcompile.passes import StreamingLLM
 from kvcompile.reference.streamingllm import attended_tokens, streaming_logits
 
 SINKS, WINDOW = 3, 8
-
-
-def rel_err(a, b):
-    return ((a - b).abs().max() / b.abs().max()).item()
 
 
 def test_attended_tokens_example_from_the_issue():

@@ -5,7 +5,7 @@ import torch
 from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
 
 import kvcompile
-from conftest import VOCAB, _common, left_padded_batch
+from conftest import VOCAB, _common, hf_logits, left_padded_batch, rel_err
 from kvcompile.errors import PassError
 from kvcompile.passes import TidalDecode
 from kvcompile.passes.tidaldecode import default_selection_layers
@@ -25,10 +25,6 @@ def deep_model(family="llama", layers=5):
         model = Qwen2ForCausalLM(Qwen2Config(**{**_common(num_key_value_heads=1), "num_hidden_layers": layers}))
     model.config._attn_implementation = "sdpa"
     return model.eval()
-
-
-def rel_err(a, b):
-    return ((a - b).abs().max() / b.abs().max()).item()
 
 
 @pytest.fixture(scope="module")
@@ -81,10 +77,9 @@ def test_generation_matches_reference(llama, correction):
 
 def test_budget_covering_the_context_equals_dense(llama):
     ids, mask = left_padded_batch([16, 9, 2], 16)
-    dense = kvcompile.optimize(llama, ["dense"], prefill_chunk=8)(ids, mask)
     tidal = kvcompile.optimize(llama, [TidalDecode(token_budget=16, selection_layers=LAYERS)], prefill_chunk=1)
     real = mask.bool()
-    assert rel_err(tidal(ids, mask)[real], dense[real]) < 1e-5
+    assert rel_err(tidal(ids, mask)[real], hf_logits(llama, ids, mask)[real]) < 1e-4
 
 
 def test_batched_left_padding_equals_rows_run_alone(tidal):
@@ -96,7 +91,7 @@ def test_batched_left_padding_equals_rows_run_alone(tidal):
 
 def test_composes_with_streamingllm_storage(llama):
     """Selection over a ring cache: with a budget covering the ring it is streamingllm itself."""
-    ids = torch.randint(1, VOCAB, (1, 20), generator=torch.Generator().manual_seed(6))
+    ids = torch.randint(1, VOCAB, (1, 14), generator=torch.Generator().manual_seed(6))
     ring = kvcompile.optimize(llama, ["streamingllm:sink_tokens=2,window_tokens=8"], prefill_chunk=1)(ids)
     both = kvcompile.optimize(llama, ["streamingllm:sink_tokens=2,window_tokens=8",
                                       TidalDecode(token_budget=11, selection_layers=LAYERS)], prefill_chunk=1)(ids)
@@ -121,10 +116,10 @@ def test_explain_shows_the_selection_edge(tidal):
     assert "chosen at layer 1 (" in text and "chosen at layer 3 (" in text
 
 
-def test_bad_configurations_are_errors(llama):
+def test_bad_configurations_are_errors(llama, tidal):
     with pytest.raises(PassError, match="token_budget"):
         kvcompile.optimize(llama, [TidalDecode(token_budget=1)])
     with pytest.raises(PassError, match="layer 9"):
         kvcompile.optimize(llama, [TidalDecode(selection_layers=(2, 9))])
     with pytest.raises(PassError, match="prefill_chunk"):
-        enable_cache_correction(kvcompile.optimize(llama, [TidalDecode(correction_interval=8)], prefill_chunk=1))
+        enable_cache_correction(tidal, interval=8)

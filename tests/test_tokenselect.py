@@ -4,17 +4,13 @@ import pytest
 import torch
 
 import kvcompile
-from conftest import VOCAB, left_padded_batch, tiny_hf_model
+from conftest import VOCAB, left_padded_batch, rel_err, tiny_hf_model
 from kvcompile.errors import PassError
 from kvcompile.passes import TokenSelect
 from kvcompile.reference.tokenselect import tokenselect_logits
 
 BUDGET = 8          # 1 init + 5 top-k + 2 local by the paper's shares
 CACHE = 0.2         # a threshold the random model's consecutive queries often pass, so the cache is exercised
-
-
-def rel_err(a, b):
-    return ((a - b).abs().max() / b.abs().max()).item()
 
 
 @pytest.fixture(scope="module")

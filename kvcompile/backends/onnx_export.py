@@ -43,7 +43,7 @@ def export_onnx(opt, directory: Path, max_cache_len: int, unbounded: bool,
     directory.mkdir(parents=True, exist_ok=True)
     specs = list(opt.state.specs.values())
     names = [spec.name for spec in specs]
-    example_state = [torch.full(spec.shape(2, max_cache_len), _initial(spec), dtype=spec.dtype, device=opt.device)
+    example_state = [torch.full(spec.shape(2, max_cache_len), spec.fill, dtype=spec.dtype, device=opt.device)
                      for spec in specs]
     steps, vocab = [], None
     for seq_len, step in sorted(opt.steps.items()):
@@ -99,11 +99,6 @@ def _export_step(module: torch.fx.GraphModule, seq_len: int, names: list[str], e
     program.save(path)  # weights inline, or in `<file>.data` past ONNX's 2 GB protobuf limit
 
 
-def _initial(spec: StateSpec) -> int:
-    """Fill value of an empty cache buffer, as `KVState.allocate` uses."""
-    return -1 if spec.role == "positions" else 0
-
-
 def _dtype_name(dtype: torch.dtype) -> str:
     return str(dtype).removeprefix("torch.")
 
@@ -113,5 +108,5 @@ def _state_info(spec: StateSpec, max_cache_len: int) -> StateInfo:
     meaning = (f"{spec.name}: {_ROLE_MEANING.get(spec.role, spec.role)}; {spec.layout.describe()}, then one scratch "
                "slot that is never read")
     return StateInfo(input=f"past.{spec.name}", output=f"present.{spec.name}", shape=[BATCH, *shape[1:]],
-                     dtype=_dtype_name(spec.dtype), initial=_initial(spec), role=spec.role,
+                     dtype=_dtype_name(spec.dtype), initial=spec.fill, role=spec.role,
                      sink_tokens=spec.layout.sink_tokens, window_tokens=spec.layout.window_tokens, meaning=meaning)

@@ -2,12 +2,12 @@
 from __future__ import annotations
 
 import operator
-from typing import Optional
+from typing import Callable, Optional
 
 import torch
 from torch import fx
 
-from kvcompile.cache import CacheLayout, KVState, StateSpec
+from kvcompile.cache import SLOTS, CacheLayout, KVState, StateSpec
 from kvcompile.errors import UnsupportedModelError
 from kvcompile.graph.sites import AttentionSite, CacheState
 import kvcompile.ops.cached_attention  # noqa: F401  (registers torch.ops.kvcompile.cached_attention)
@@ -25,24 +25,34 @@ def _projects_weights(node: fx.Node) -> bool:
                for a in node.all_input_nodes)
 
 
+def install_attention(graph: fx.Graph, state: KVState, site: AttentionSite, specs: list[StateSpec], op,
+                      args_of: Callable[[dict[str, fx.Node]], tuple], description: str) -> fx.Node:
+    """Replace `site`'s attention by a call of the storage op `op` over new cache buffers `specs`.
+
+    The buffers are declared in `state`; `args_of` builds the op's arguments from their `get_attr` nodes, keyed
+    by role. The op's output must be the attention output [B, Hq, S, D].
+    """
+    targets = {spec.role: state.declare(spec) for spec in specs}
+    with graph.inserting_before(site.output):
+        buffers = {role: graph.get_attr(target) for role, target in targets.items()}
+        out = graph.call_function(op, args_of(buffers))
+    out.meta["val"] = site.output.meta.get("val")
+    site.output.replace_all_uses_with(out)
+    site.cache = CacheState(targets, out, description)
+    return out
+
+
 def install_cached_attention(graph: fx.Graph, state: KVState, positions: fx.Node, site: AttentionSite,
                              layout: CacheLayout, q_sink: Optional[fx.Node] = None) -> fx.Node:
     """Replace `site`'s attention by `kvcompile::cached_attention` over new cache buffers of `layout`."""
     dtype = site.key.meta["val"].dtype
-    targets = {}
-    for role in ("keys", "values", "positions"):
-        spec = StateSpec(f"layer{site.layer}_{role}", role, layout, site.num_kv_heads, site.head_dim,
-                         torch.long if role == "positions" else dtype)
-        targets[role] = state.declare(spec)
-    with graph.inserting_before(site.output):
-        buffers = {role: graph.get_attr(target) for role, target in targets.items()}
-        out = graph.call_function(torch.ops.kvcompile.cached_attention.default, (
-            site.query, q_sink, site.key, site.value, buffers["keys"], buffers["values"], buffers["positions"],
-            positions, layout.sink_tokens, layout.window_tokens, site.scale))
-    out.meta["val"] = site.output.meta.get("val")
-    site.output.replace_all_uses_with(out)
-    site.cache = CacheState(targets, out, layout.describe())
-    return out
+    per_slot = (site.num_kv_heads, SLOTS, site.head_dim)
+    specs = [StateSpec(f"layer{site.layer}_keys", "keys", layout, per_slot, dtype),
+             StateSpec(f"layer{site.layer}_values", "values", layout, per_slot, dtype),
+             StateSpec(f"layer{site.layer}_positions", "positions", layout, (SLOTS,), torch.long, fill=-1)]
+    return install_attention(graph, state, site, specs, torch.ops.kvcompile.cached_attention.default, lambda b: (
+        site.query, q_sink, site.key, site.value, b["keys"], b["values"], b["positions"], positions,
+        layout.sink_tokens, layout.window_tokens, site.scale), layout.describe())
 
 
 def first_compute_node(graph: fx.Graph) -> fx.Node:

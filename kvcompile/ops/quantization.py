@@ -34,6 +34,8 @@ from typing import Optional
 import torch
 from torch import Tensor
 
+from kvcompile.cache import resolve_dims
+
 HIGH_BITS = 4
 LOW_BITS = 2
 SALIENCY_RATIO = 0.6
@@ -200,35 +202,78 @@ def regular_count(tokens, saliency_ratio: float):
     return math.floor((1 - saliency_ratio) * tokens + 1e-9)
 
 
-def empty_state(batch: int, kv_heads: int, head_dim: int, capacity: int, *, high_bits: int = HIGH_BITS,
-                low_bits: int = LOW_BITS, saliency_ratio: float = SALIENCY_RATIO,
-                streaming_gap: int = STREAMING_GAP, dtype: torch.dtype = torch.bfloat16,
-                device=None) -> ZipCacheState:
-    """An empty state for `capacity` positions (slots `[0, capacity]`, the last one scratch).
+@dataclass(frozen=True)
+class PlaneRows:
+    """Rows of one plane in a cache of `slots` slots (the last one scratch): `floor((1 - ratio) * tokens)` in
+    the low plane and the other tokens in the high plane, plus the spare row each. Blocks chosen by
+    `select_salient` with `salient_allowance` or `free_high_rows` never overflow either."""
 
-    The low plane has `floor((1 - ratio) * capacity)` rows and the high plane the rest: blocks chosen by
-    `select_salient` with `free_high_rows` never overflow either.
-    """
-    slots = capacity + 1
-    low_rows = regular_count(capacity, saliency_ratio)
+    high: bool
+    saliency_ratio: float
 
-    def plane(bits: int, rows: int) -> QuantizedRows:
+    def __call__(self, slots: int) -> int:
+        tokens = slots - 1
+        low = regular_count(tokens, self.saliency_ratio)
+        return (tokens - low if self.high else low) + 1
+
+
+@dataclass(frozen=True)
+class WordCount:
+    """32-bit words holding one bit per slot of a cache of `slots` slots."""
+
+    def __call__(self, slots: int) -> int:
+        return -(-slots // _WORD_BITS)
+
+
+_PLANE_PARTS = ("high", "high_scale", "high_zero", "low", "low_scale", "low_zero", "channel")
+# Names of the tensors of a `ZipCacheState`, in the order of `state_layout` and `state_of`.
+STATE_FIELDS = (tuple(f"{kv}_{part}" for kv in ("k", "v") for part in _PLANE_PARTS)
+                + ("salient_words", "salient_rank", "quantized", "key_buffer", "value_buffer"))
+
+
+def state_layout(kv_heads: int, head_dim: int, *, high_bits: int = HIGH_BITS, low_bits: int = LOW_BITS,
+                 saliency_ratio: float = SALIENCY_RATIO, streaming_gap: int = STREAMING_GAP,
+                 dtype: torch.dtype = torch.bfloat16) -> list[tuple[str, tuple, torch.dtype]]:
+    """`(name, dims, dtype)` of each tensor of one layer's state, in `STATE_FIELDS` order. `dims` is the shape
+    after the batch dim; an entry is an int or a rule (`PlaneRows`, `WordCount`) that sizes it for a cache of
+    n slots. Raises `ValueError` for bit widths that cannot be stored."""
+    def plane(name: str, bits: int, high: bool) -> list:
         _check_bits(bits, _PACKABLE + (UNQUANTIZED,))
         if bits != UNQUANTIZED and head_dim % (8 // bits):
             raise ValueError(f"head_dim {head_dim} cannot be packed at {bits} bits")
         width, stored = (head_dim, dtype) if bits == UNQUANTIZED else (head_dim * bits // 8, torch.uint8)
-        scale = torch.zeros(batch, rows + 1, dtype=SCALE_DTYPE, device=device)
-        return QuantizedRows(torch.zeros(batch, kv_heads, rows + 1, width, dtype=stored, device=device),
-                             scale, scale.clone(), bits)
+        rows = PlaneRows(high, saliency_ratio)
+        return [(name, (kv_heads, rows, width), stored), (f"{name}_scale", (rows,), SCALE_DTYPE),
+                (f"{name}_zero", (rows,), SCALE_DTYPE)]
 
-    def planes() -> MixedPrecisionPlanes:
-        return MixedPrecisionPlanes(plane(high_bits, capacity - low_rows), plane(low_bits, low_rows),
-                                    torch.zeros(batch, kv_heads, head_dim, device=device))
+    layout = []
+    for kv in ("k", "v"):
+        layout += (plane(f"{kv}_high", high_bits, True) + plane(f"{kv}_low", low_bits, False)
+                   + [(f"{kv}_channel", (kv_heads, head_dim), torch.float32)])
+    words, buffer = (kv_heads, WordCount()), (kv_heads, streaming_gap, head_dim)
+    return layout + [("salient_words", words, torch.int32), ("salient_rank", words, torch.int32),
+                     ("quantized", (), torch.int64), ("key_buffer", buffer, dtype), ("value_buffer", buffer, dtype)]
 
-    words = torch.zeros(batch, kv_heads, -(-slots // _WORD_BITS), dtype=torch.int32, device=device)
-    buffer = torch.zeros(batch, kv_heads, streaming_gap, head_dim, dtype=dtype, device=device)
-    return ZipCacheState(planes(), planes(), words, words.clone(),
-                         torch.zeros(batch, dtype=torch.int64, device=device), buffer, buffer.clone())
+
+def state_of(tensors, high_bits: int, low_bits: int) -> ZipCacheState:
+    """The state made of `tensors` (in `STATE_FIELDS` order; shared, not copied)."""
+    def planes(t) -> MixedPrecisionPlanes:
+        return MixedPrecisionPlanes(QuantizedRows(t[0], t[1], t[2], high_bits),
+                                    QuantizedRows(t[3], t[4], t[5], low_bits), t[6])
+
+    return ZipCacheState(planes(tensors[0:7]), planes(tensors[7:14]), *tensors[14:])
+
+
+def empty_state(batch: int, kv_heads: int, head_dim: int, capacity: int, *, high_bits: int = HIGH_BITS,
+                low_bits: int = LOW_BITS, saliency_ratio: float = SALIENCY_RATIO,
+                streaming_gap: int = STREAMING_GAP, dtype: torch.dtype = torch.bfloat16,
+                device=None) -> ZipCacheState:
+    """An empty state for `capacity` positions (slots `[0, capacity]`, the last one scratch)."""
+    layout = state_layout(kv_heads, head_dim, high_bits=high_bits, low_bits=low_bits,
+                          saliency_ratio=saliency_ratio, streaming_gap=streaming_gap, dtype=dtype)
+    tensors = [torch.zeros(batch, *resolve_dims(dims, capacity + 1), dtype=stored, device=device)
+               for _, dims, stored in layout]
+    return state_of(tensors, high_bits, low_bits)
 
 
 def _unpack_words(words: Tensor) -> Tensor:
@@ -236,16 +281,23 @@ def _unpack_words(words: Tensor) -> Tensor:
     return ((words.to(torch.int64)[..., None] >> shifts) & 1).bool().flatten(-2)
 
 
-def _pack_words(bits: Tensor) -> Tensor:
-    shifts = torch.arange(_WORD_BITS, device=bits.device, dtype=torch.int64)
-    words = (bits.unflatten(-1, (-1, _WORD_BITS)).to(torch.int64) << shifts).sum(-1)
-    return torch.where(words >= 2 ** 31, words - 2 ** 32, words).to(torch.int32)  # bit 31 is the sign bit
+def _salient_slots(state: ZipCacheState) -> Tensor:
+    """Salient slots per batch row [B] (the same in every head): the last word's rank plus its bits."""
+    return state.salient_rank[:, 0, -1].long() + _unpack_words(state.salient_words[:, 0, -1:]).sum(-1)
 
 
 def free_high_rows(state: ZipCacheState) -> Tensor:
     """High-precision rows still free per batch row [B] (the `high_free` of `select_salient`)."""
-    used = _unpack_words(state.salient_words[:, 0]).sum(-1)
-    return state.keys.high.scale.shape[1] - 1 - used
+    return state.keys.high.scale.shape[1] - 1 - _salient_slots(state)
+
+
+def salient_allowance(state: ZipCacheState, count: Tensor, saliency_ratio: float) -> Tensor:
+    """High-precision rows [B] a block of `count` [B] tokens may take (the `high_free` of `select_salient`):
+    what keeps all but `regular_count` of *every token so far* salient. Within one token of the block's own
+    `count - regular_count(count)` (equal when `(1 - ratio) * count` is whole, as for blocks of 100 at 60%), and
+    never more than the planes (`PlaneRows`) hold, however the tokens arrive in blocks."""
+    total = state.quantized + count
+    return total - regular_count(total, saliency_ratio) - _salient_slots(state)
 
 
 def quantize_into(state: ZipCacheState, keys: Tensor, values: Tensor, salient: Tensor, count: Tensor) -> None:
@@ -254,14 +306,14 @@ def quantize_into(state: ZipCacheState, keys: Tensor, values: Tensor, salient: T
     Tokens t < count[b] of `keys`/`values` [B, Hkv, T, D] take slots `quantized[b] + t`; `salient`
     [B, Hkv or 1, T] picks their precision and must give every head of a row the same number of salient tokens
     within `free_high_rows` (as `select_salient` does). Channel scales are set by a row's first non-empty block.
-    Shapes stay static and nothing syncs with the host.
+    Shapes stay static, nothing syncs with the host, and the work is O(T + slots / 32): a block of zero tokens
+    is a cheap no-op.
     """
     batch, heads, seq, _ = keys.shape
     valid = _row_mask(count, seq)
     salient = salient.expand(batch, heads, seq) & valid[:, None]
     regular = ~salient & valid[:, None]
-    bits = _unpack_words(state.salient_words)
-    high_used = bits[:, 0].sum(-1)
+    high_used = _salient_slots(state)
     for planes, x in ((state.keys, keys), (state.values, values)):
         unset = (planes.channel == 0).all(-1, keepdim=True) & (count > 0)[:, None, None]
         fresh = channel_scales(x, valid, planes.high.bits, planes.low.bits)
@@ -277,13 +329,15 @@ def quantize_into(state: ZipCacheState, keys: Tensor, values: Tensor, salient: T
             plane.data.scatter_(2, target[:, None, :, None].expand_as(block.data), block.data)
             plane.scale.scatter_(1, target, block.scale)
             plane.zero.scatter_(1, target, block.zero)
-    dump = bits.shape[-1]
-    slot = torch.where(valid, state.quantized[:, None] + torch.arange(seq, device=keys.device), dump)
-    bits = torch.cat([bits, bits.new_zeros(batch, heads, 1)], dim=-1)
-    bits = bits.scatter(2, slot[:, None, :].expand(batch, heads, seq), salient)[..., :dump]
-    per_word = bits.unflatten(-1, (-1, _WORD_BITS)).sum(-1)
-    state.salient_words.copy_(_pack_words(bits))
-    state.salient_rank.copy_(per_word.cumsum(-1) - per_word)
+    # The new slots' bits are clear, so adding each salient bit's value sets it (distinct bits never carry);
+    # ranks grow by the new salient slots of the earlier words.
+    words = state.salient_words.shape[-1]
+    slot = state.quantized[:, None] + torch.arange(seq, device=keys.device)
+    word = (slot // _WORD_BITS).clamp(max=words - 1)[:, None].expand(batch, heads, seq)
+    bit = torch.where(salient, torch.ones_like(word) << (slot % _WORD_BITS)[:, None], 0)
+    state.salient_words.scatter_add_(2, word, torch.where(bit >= 2 ** 31, bit - 2 ** 32, bit).to(torch.int32))
+    added = torch.zeros_like(state.salient_rank).scatter_add_(2, word, salient.to(torch.int32))
+    state.salient_rank.add_((added.cumsum(-1) - added).to(torch.int32))
     state.quantized.add_(count)
 
 
@@ -291,25 +345,24 @@ def dequantize_state(state: ZipCacheState, slots: int) -> tuple[Tensor, Tensor]:
     """Keys and values of the first `slots` slots as float32 [B, Hkv, slots, D]: quantized slots dequantized
     (`(code * scale + zero) * channel`), buffered slots as stored, the rest zeros. The decode kernel's
     definition."""
+    batch, heads, gap, dim = state.key_buffer.shape
+    high_rows, low_rows = state.keys.high.scale.shape[1], state.keys.low.scale.shape[1]
     slot = torch.arange(slots, device=state.quantized.device)
     is_salient = _unpack_words(state.salient_words)[..., :slots]
     high_row = is_salient.cumsum(-1) - is_salient.long()
-    quantized = (slot < state.quantized[:, None])[:, None]
-    buffer_row = slot - state.quantized[:, None]
-    in_buffer = ((buffer_row >= 0) & (buffer_row < state.key_buffer.shape[2]))[:, None]
+    buffer_row = (slot - state.quantized[:, None])[:, None]
+    # Each slot's row in [high plane | low plane | buffer | a zero row], read with one index_select.
+    plane_row = torch.where(is_salient, high_row, high_rows + slot - high_row)
+    other_row = high_rows + low_rows + torch.where(buffer_row < gap, buffer_row, gap)
+    row = torch.where(buffer_row < 0, plane_row, other_row)
+    total = high_rows + low_rows + gap + 1
+    flat = (torch.arange(batch * heads, device=slot.device).view(batch, heads, 1) * total + row).flatten()
 
     def read(planes: MixedPrecisionPlanes, buffer: Tensor) -> Tensor:
-        def rows_of(plane: QuantizedRows, row: Tensor) -> Tensor:
-            row = row.clamp(0, plane.scale.shape[1] - 1)[..., None].expand(-1, -1, -1, buffer.shape[-1])
-            return dequantize_rows(plane).gather(2, row) * planes.channel[:, :, None, :]
-
-        from_high = rows_of(planes.high, high_row)
-        from_low = rows_of(planes.low, slot - high_row)
-        index = buffer_row.clamp(0, buffer.shape[2] - 1)[:, None, :, None].expand_as(from_high)
-        from_buffer = buffer.float().gather(2, index)
-        out = torch.where((quantized & is_salient)[..., None], from_high, from_low)
-        out = torch.where(quantized[..., None], out, from_buffer)
-        return out.masked_fill(~(quantized | in_buffer)[..., None], 0.0)
+        channel = planes.channel[:, :, None, :]
+        source = torch.cat([dequantize_rows(planes.high) * channel, dequantize_rows(planes.low) * channel,
+                            buffer.float(), buffer.new_zeros(batch, heads, 1, dim, dtype=torch.float32)], dim=2)
+        return source.flatten(0, 2).index_select(0, flat).view(batch, heads, slots, dim)
 
     return read(state.keys, state.key_buffer), read(state.values, state.value_buffer)
 
@@ -338,14 +391,25 @@ def normalized_attention_saliency(probs: Tensor, query_positions: Tensor, key_po
     return probs.sum(-2) / count.clamp(min=1)[:, None, :].to(probs.dtype)
 
 
+def _probe_split(length: int, probe_ratio: float) -> tuple[int, int]:
+    """Where the recent probes of a `length`-token prompt start, and how many earlier ones are drawn."""
+    share = probe_ratio / 2
+    recent_start = int(length - share * length)
+    return recent_start, int(share * length) if recent_start > 0 else 0
+
+
+def probe_count(length: int, probe_ratio: float = PROBE_RATIO) -> int:
+    """How many probe queries `probe_queries` gives a `length`-token prompt (never fewer for a longer one)."""
+    recent_start, drawn = _probe_split(length, probe_ratio)
+    return length - recent_start + drawn
+
+
 def probe_queries(length: int, probe_ratio: float = PROBE_RATIO,
                   generator: Optional[torch.Generator] = None) -> Tensor:
     """Positions of the probe queries of a `length`-token prompt: the most recent `probe_ratio / 2` of it and as
     many drawn uniformly (with replacement, as the official code) from the earlier tokens. The last token is
     always a probe, so every key has a query that attends it."""
-    share = probe_ratio / 2
-    recent_start = int(length - share * length)
-    drawn = int(share * length) if recent_start > 0 else 0
+    recent_start, drawn = _probe_split(length, probe_ratio)
     earlier = torch.randint(0, max(recent_start, 1), (drawn,), generator=generator)
     return torch.cat([torch.arange(recent_start, length), earlier])
 

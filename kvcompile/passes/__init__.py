@@ -4,6 +4,7 @@ from kvcompile.passes.dense import Dense
 from kvcompile.passes.streamingllm import StreamingLLM
 from kvcompile.passes.tidaldecode import TidalDecode
 from kvcompile.passes.tokenselect import TokenSelect
+from kvcompile.passes.zipcache import ZipCache
 
 __all__ = ["Pass", "StepGraph", "available", "from_spec", "register", "resolve", "Dense", "StreamingLLM",
-           "TidalDecode", "TokenSelect"]
+           "TidalDecode", "TokenSelect", "ZipCache"]

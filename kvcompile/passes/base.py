@@ -39,6 +39,8 @@ class Pass:
     name: ClassVar[str]
     axis: ClassVar[str]
     paper: ClassVar[str] = ""
+    # Storage: whether a stored token can be emptied and stored again (what cache correction does).
+    tokens_rewritable: ClassVar[bool] = True
 
     def validate(self) -> None:
         """Raise `PassError` for a configuration that cannot work; called by `optimize` before any capture."""
@@ -46,6 +48,11 @@ class Pass:
     def apply(self, step: StepGraph) -> None:
         """Rewrite the sites of `step` in place."""
         raise NotImplementedError
+
+    def runtime_hook(self, state: KVState):
+        """Work this pass does between steps, outside the step graphs: an object with `reset()` (called when
+        the cache is sized for a new sequence) and `after_step(new_tokens)` (after each step), or None."""
+        return None
 
     def describe(self) -> str:
         """Short configuration summary for `explain()`."""

@@ -23,8 +23,8 @@ from typing import Optional
 
 from kvcompile.errors import PassError
 from kvcompile.passes.base import Pass, StepGraph, register
-from kvcompile.passes.selection import (cached_attention_node, check_same_slots, install_select, install_sparse,
-                                        is_decode_step)
+from kvcompile.passes.selection import (check_same_slots, install_select, install_sparse, is_decode_step,
+                                        storage_node)
 
 # The official re-selection layer: 13 of Llama-3-8B's 32 layers (0-based), after full layers 0-1 and selection at 2.
 _FIRST_SELECTION = 2
@@ -96,7 +96,7 @@ class TidalDecode(Pass):
         chosen: dict[int, str] = {}
         chooser, indices = None, None
         for site in step.sites:
-            node = cached_attention_node(site, self.name)
+            node = storage_node(site, self.name)
             if site.layer < layers[0]:
                 site.notes.append(f"tidaldecode: full attention (layers before {layers[0]} do not select)")
             elif site.layer in readers:

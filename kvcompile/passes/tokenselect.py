@@ -95,11 +95,10 @@ class TokenSelect(Pass):
                 fingerprint = reroot(q, step.positions, zeros, set(site.rope_nodes), memo, node)
             layout = cache_spec(step, site).layout
             query_state = step.state.declare(StateSpec(
-                f"layer{site.layer}_tokenselect_query", "selection", layout, site.num_kv_heads, site.head_dim,
-                torch.float32, row_shape=(site.num_heads * site.head_dim,)))
+                f"layer{site.layer}_tokenselect_query", "selection", layout, (site.num_heads * site.head_dim,),
+                torch.float32))
             slots_state = step.state.declare(StateSpec(
-                f"layer{site.layer}_tokenselect_slots", "selection", layout, site.num_kv_heads, site.head_dim,
-                torch.long, row_shape=(top_k,)))
+                f"layer{site.layer}_tokenselect_slots", "selection", layout, (top_k,), torch.long))
             with graph.inserting_before(node):
                 buffers = graph.get_attr(query_state), graph.get_attr(slots_state)
                 indices = graph.call_function(torch.ops.kvcompile.tokenselect_indices.default, (

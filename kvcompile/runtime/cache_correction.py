@@ -84,6 +84,10 @@ def enable_cache_correction(opt, interval: Optional[int] = None):
     if not isinstance(interval, int) or interval < 1:
         raise PassError("cache correction needs an interval: pass interval=..., or optimize with "
                         "TidalDecode(correction_interval=...).")
+    fixed = [p.name for p in opt.passes if not p.tokens_rewritable]
+    if fixed:
+        raise PassError(f"cache correction empties decoded tokens and stores them again, which {fixed[0]} storage "
+                        "cannot do; use dense or streamingllm storage with cache correction.")
     if opt.prefill_chunk < 2:
         raise PassError("cache correction re-runs decoded tokens through the dense prefill step, but this model "
                         "was optimized with prefill_chunk=1 (every step is a sparse decode step); optimize with "
