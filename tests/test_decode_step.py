@@ -1,8 +1,8 @@
 """The GPU fast paths of `kvcompile::cached_attention` against its reference path, on CPU.
 
 `decode_step` (Triton write + split-K attention) runs through Triton's interpreter, which must be chosen before
-triton is imported; `prefill_step` (FlexAttention) runs uncompiled. Both are compared with the op's reference
-path (taken on CPU tensors) on outputs and on the cache state they leave behind.
+triton is imported; the prefill paths (causal SDPA, blocked reference) run as they would on CUDA. Both are compared
+with the op's reference path (`decode.reference_attention`) on outputs and on the cache state they leave behind.
 """
 import math
 import os
@@ -16,15 +16,16 @@ pytest.importorskip("triton")
 
 import kvcompile.ops.cached_attention  # noqa: E402,F401  (registers the op)
 from kvcompile.ops import decode  # noqa: E402
-from kvcompile.ops.prefill import prefill_step  # noqa: E402
+from kvcompile.ops import prefill  # noqa: E402
 
 B, HKV, G, D = 2, 2, 3, 32
 SINKS, WINDOW = 2, 6
 
 
 def reference(*args):
-    """The op on CPU tensors: its plain PyTorch reference path."""
-    return torch.ops.kvcompile.cached_attention(*args)
+    """The op's plain PyTorch reference path."""
+    with decode.reference_attention():
+        return torch.ops.kvcompile.cached_attention(*args)
 
 
 def empty_cache(batch, capacity, dtype=torch.float32):
@@ -103,49 +104,54 @@ def test_reference_switch():
     assert decode.kernels_enabled()
 
 
-def test_prefill_dense_chunks_match_reference():
-    """Chunks of a left-padded batch through a dense cache, FlexAttention against the reference."""
+def test_causal_prefill_matches_reference():
+    """Chunks of contiguous positions through a dense cache: the first (is_causal) and later ones (lower-right
+    causal over the cached prefix) take the SDPA path and match the reference, cache state included."""
     chunk, chunks = 8, 3
-    capacity = chunk * chunks + 1
-    ref_cache = empty_cache(B, capacity)
+    ref_cache = empty_cache(B, chunk * chunks + 4)
     fast_cache = clone_all(ref_cache)
     gen = torch.Generator().manual_seed(3)
-    stream = torch.arange(chunk * chunks)[None].repeat(B, 1) - torch.tensor([[0], [5]])
-    stream = stream.clamp(min=-1)
     for c in range(chunks):
         q, _, k, v = token(gen, seq=chunk)
-        positions = stream[:, c * chunk:(c + 1) * chunk]
+        positions = torch.arange(c * chunk, (c + 1) * chunk).repeat(B, 1)
+        assert prefill.prefix_start(fast_cache[2], positions) == c * chunk
         expected = reference(q, None, k, v, *ref_cache, positions, 0, 0, 0.25)
-        out = prefill_step(q, None, k, v, *fast_cache, positions, 0, 0, 0.25)
+        out = torch.ops.kvcompile.cached_attention(q, None, k, v, *fast_cache, positions, 0, 0, 0.25)
         assert out.shape == q.shape and out.is_contiguous()
         torch.testing.assert_close(out, expected, atol=1e-5, rtol=1e-5, msg=f"chunk {c}")
         for fast, ref in zip(fast_cache, ref_cache):
             torch.testing.assert_close(fast, ref, atol=0, rtol=0)
 
 
-def test_prefill_leaves_ring_to_the_reference():
-    cache = empty_cache(B, SINKS + WINDOW + 1)
-    before = clone_all(cache)
-    q, q_sink, k, v = token(torch.Generator().manual_seed(4), seq=4)
-    positions = torch.arange(4)[None].repeat(B, 1)
-    assert prefill_step(q, q_sink, k, v, *cache, positions, SINKS, WINDOW, 0.2) is None
-    assert all(torch.equal(a, b) for a, b in zip(cache, before))
+def test_prefix_start_refuses_what_causal_prefill_cannot_do():
+    cache = empty_cache(B, 40)[2]
+    cache[:, :8] = torch.arange(8)
+    contiguous = torch.arange(8, 16).repeat(B, 1)
+    assert prefill.prefix_start(cache, contiguous) == 8
+    padded = contiguous.clone()
+    padded[1, :3] = -1
+    staggered = contiguous - torch.tensor([[0], [1]])
+    holes = cache.clone()
+    holes[1, 4] = -1
+    assert prefill.prefix_start(cache, padded) is None
+    assert prefill.prefix_start(cache, staggered) is None
+    assert prefill.prefix_start(holes, contiguous) is None
+    assert prefill.prefix_start(cache[:, :16], contiguous) is None  # the chunk would reach the scratch slot
 
 
-def test_prefill_block_mask_over_many_blocks():
-    """Chunks and caches spanning several 128-wide blocks: empty, partly and wholly visible ones, with holes."""
-    gen = torch.Generator().manual_seed(5)
-    seq, cached = 256, 300
-    capacity = cached + seq + 150
-    ref_cache = empty_cache(B, capacity)
-    ref_cache[2][:, :cached] = torch.arange(cached)
-    ref_cache[2][1, 50:60] = -1  # holes in one row
-    fast_cache = clone_all(ref_cache)
-    q, _, k, v = token(gen, seq=seq)
-    positions = torch.arange(cached, cached + seq).repeat(B, 1)
-    positions[1, :5] = -1
-    expected = reference(q, None, k, v, *ref_cache, positions, 0, 0, 0.2)
-    out = prefill_step(q, None, k, v, *fast_cache, positions, 0, 0, 0.2)
-    torch.testing.assert_close(out, expected, atol=1e-5, rtol=1e-5)
-    for fast, ref in zip(fast_cache, ref_cache):
-        torch.testing.assert_close(fast, ref, atol=0, rtol=0)
+@pytest.mark.parametrize("layout", ["dense", "ring"])
+def test_blocked_prefill_matches_reference(layout, monkeypatch):
+    """A left-padded chunk (dense) and a chunk with sink queries (ring) take the blocked reference: split into
+    blocks of a few queries it equals the unsplit reference."""
+    sinks, window = (0, 0) if layout == "dense" else (SINKS, WINDOW)
+    gen = torch.Generator().manual_seed(4)
+    seq = 12
+    ref_cache = empty_cache(B, 40 if layout == "dense" else SINKS + WINDOW + 1)
+    q, q_sink, k, v = token(gen, seq=seq)
+    q_sink = q_sink if layout == "ring" else None
+    positions = torch.arange(seq).repeat(B, 1) - torch.tensor([[0], [5]])
+    positions = positions.clamp(min=-1)
+    expected = reference(q, q_sink, k, v, *clone_all(ref_cache), positions, sinks, window, 0.2)
+    monkeypatch.setattr(prefill, "SCORE_ELEMENTS", B * HKV * G * 3 * (ref_cache[0].shape[2] + seq))
+    out = torch.ops.kvcompile.cached_attention(q, q_sink, k, v, *ref_cache, positions, sinks, window, 0.2)
+    torch.testing.assert_close(out, expected, atol=1e-6, rtol=1e-6)

@@ -96,15 +96,19 @@ def cached_attention(q: Tensor, q_sink: Optional[Tensor], k: Tensor, v: Tensor, 
     `positions` [B, S] are the new tokens' stream positions (-1 for padding). `window_tokens=0` is a dense
     cache. The cache tensors are updated in place.
     """
-    if q.is_cuda and q.shape[2] == 1:
-        from kvcompile.ops import decode
-        if decode.kernels_enabled():
+    from kvcompile.ops import decode, prefill
+    if decode.kernels_enabled():
+        if q.is_cuda and q.shape[2] == 1:
             return decode.decode_step(q, q_sink, k, v, k_cache, v_cache, slot_pos, positions, sink_tokens,
                                       window_tokens, scale)
+        if q.shape[2] > 1 and window_tokens == 0:
+            start = prefill.prefix_start(slot_pos, positions)
+            if start is not None:
+                return prefill.causal_prefill(q, k, v, k_cache, v_cache, slot_pos, positions, start, scale)
     keys = torch.cat([k_cache, k.to(k_cache.dtype)], dim=2)
     values = torch.cat([v_cache, v.to(v_cache.dtype)], dim=2)
     key_pos = torch.cat([slot_pos, positions.to(slot_pos.dtype)], dim=1)
-    out = attend(q, q_sink, keys, values, key_pos, positions, sink_tokens, window_tokens, scale)
+    out = prefill.attend_in_blocks(q, q_sink, keys, values, key_pos, positions, sink_tokens, window_tokens, scale)
     write_cache(k_cache, v_cache, slot_pos, k, v, positions, sink_tokens, window_tokens)
     return out
 

@@ -30,15 +30,16 @@ _KERNELS = True
 
 
 def kernels_enabled() -> bool:
-    """Whether `cached_attention` on CUDA uses the kernels of this module (see `reference_attention`)."""
+    """Whether `cached_attention` takes its fast paths: this module's kernels for decode on CUDA, and
+    `kvcompile.ops.prefill.causal_prefill` for prefill chunks (see `reference_attention`)."""
     return _KERNELS
 
 
 @contextlib.contextmanager
 def reference_attention() -> Iterator[None]:
-    """Within this block, eager calls of `cached_attention` on CUDA take the plain PyTorch reference path.
+    """Within this block, `cached_attention` takes the plain PyTorch reference path.
 
-    For checking GPU programs against the reference; compiled programs and replayed CUDA graphs are unaffected.
+    For checking fast programs against the reference; replayed CUDA graphs are unaffected.
     """
     global _KERNELS
     previous, _KERNELS = _KERNELS, False
