@@ -7,15 +7,18 @@ import os
 
 os.environ.setdefault("TRITON_INTERPRET", "1")
 
+import numpy as np
 import pytest
 import torch
 
 pytest.importorskip("triton")
+import triton.language as tl  # noqa: E402
 
 from kvcompile.ops.decode_reference import decode_attention_reference  # noqa: E402
-from kvcompile.ops.quantization import (dequantize_state, empty_state, free_high_rows, quantize_into,  # noqa: E402
-                                        select_salient)
+from kvcompile.ops.quantization import (_salient_slots, dequantize_state, empty_state, free_high_rows,  # noqa: E402
+                                        quantize_into, select_salient)
 from kvcompile.ops.sparse_attention import attend_per_head, gather_slots, slot_positions  # noqa: E402
+from kvcompile.ops import triton_quant_decode  # noqa: E402
 from kvcompile.ops.triton_quant_decode import quant_decode_attention_triton  # noqa: E402
 
 CAPACITY, GAP = 180, 16
@@ -26,30 +29,8 @@ def _device() -> str:
     return "cpu" if os.environ.get("TRITON_INTERPRET") == "1" else "cuda"
 
 
-def _make_case(bits=(4, 2), G=3, D=64, dtype=torch.float32, seed=0):
-    """Three rows of a filled cache: a prefill of ragged length and one periodic block, then part of the
-    buffer. Row 0 queries before its last token (causality masks real slots), row 1 has holes, row 2 is
-    fresh from prefill."""
-    gen = torch.Generator().manual_seed(seed)
-    B, Hkv = 3, 2
-    state = empty_state(B, Hkv, D, CAPACITY, high_bits=bits[0], low_bits=bits[1], streaming_gap=GAP, dtype=dtype)
-    for count in (torch.tensor([120, 70, 100]), torch.tensor([GAP, GAP, 0])):
-        length = int(count.max())
-        # Keys with outlier channels, as the paper shows them.
-        k = torch.randn(B, Hkv, length, D, generator=gen) * (1 + 4 * torch.rand(1, 1, 1, D, generator=gen))
-        v = torch.randn(B, Hkv, length, D, generator=gen)
-        valid = torch.arange(length) < count[:, None]
-        salient = select_salient(torch.rand(B, Hkv, length, generator=gen), valid, 0.6, free_high_rows(state))
-        quantize_into(state, k.to(dtype), v.to(dtype), salient, count)
-    buffered = torch.tensor([10, 5, 0])
-    state.key_buffer.copy_(torch.randn(state.key_buffer.shape, generator=gen))
-    state.value_buffer.copy_(torch.randn(state.value_buffer.shape, generator=gen))
-    slot_pos = torch.full((B, CAPACITY + 1), -1, dtype=torch.long)
-    for b in range(B):
-        held = int(state.quantized[b] + buffered[b])
-        slot_pos[b, :held] = torch.arange(held)
-    slot_pos[1, torch.randperm(80, generator=gen)[:10]] = -1
-    q_pos = state.quantized + buffered - 1 - torch.tensor([3, 0, 0])
+def _to_device(state) -> None:
+    """Move a state built on the CPU to the kernel's device, in place."""
     dev = _device()
     for planes in (state.keys, state.values):
         for t in (planes.high, planes.low):
@@ -57,8 +38,38 @@ def _make_case(bits=(4, 2), G=3, D=64, dtype=torch.float32, seed=0):
         planes.channel = planes.channel.to(dev)
     for name in ("salient_words", "salient_rank", "quantized", "key_buffer", "value_buffer"):
         setattr(state, name, getattr(state, name).to(dev))
-    q = torch.randn(B, Hkv * G, D, generator=gen).to(dtype=dtype, device=dev)
-    return q, state, slot_pos.to(dev), q_pos.to(dev), 1.0 / math.sqrt(D)
+
+
+def _make_case(bits=(4, 2), G=3, D=64, dtype=torch.float32, seed=0, holes=False):
+    """Four rows of a cache, each with its own block history, so their quantized and salient counts differ.
+    Row 0: a prefill of 150 and a periodic block (reaching the last salient word), then 10 buffered tokens of
+    which its query sees the first 7. Row 1: a prefill of 70 and a periodic block, then 5 buffered. Row 2: a
+    prefill of 100 and an empty buffer. Row 3: nothing quantized and 3 buffered. `holes` empties 10 of row 1's
+    quantized slots (a gathered read must skip them; a dense read assumes every quantized slot is visible)."""
+    gen = torch.Generator().manual_seed(seed)
+    B, Hkv = 4, 2
+    state = empty_state(B, Hkv, D, CAPACITY, high_bits=bits[0], low_bits=bits[1], streaming_gap=GAP, dtype=dtype)
+    for count in (torch.tensor([150, 70, 100, 0]), torch.tensor([GAP, GAP, 0, 0])):
+        length = int(count.max())
+        # Keys with outlier channels, as the paper shows them.
+        k = torch.randn(B, Hkv, length, D, generator=gen) * (1 + 4 * torch.rand(1, 1, 1, D, generator=gen))
+        v = torch.randn(B, Hkv, length, D, generator=gen)
+        valid = torch.arange(length) < count[:, None]
+        salient = select_salient(torch.rand(B, Hkv, length, generator=gen), valid, 0.6, free_high_rows(state))
+        quantize_into(state, k.to(dtype), v.to(dtype), salient, count)
+    buffered = torch.tensor([10, 5, 0, 3])
+    state.key_buffer.copy_(torch.randn(state.key_buffer.shape, generator=gen))
+    state.value_buffer.copy_(torch.randn(state.value_buffer.shape, generator=gen))
+    slot_pos = torch.full((B, CAPACITY + 1), -1, dtype=torch.long)
+    for b in range(B):
+        held = int(state.quantized[b] + buffered[b])
+        slot_pos[b, :held] = torch.arange(held)
+    if holes:
+        slot_pos[1, torch.randperm(80, generator=gen)[:10]] = -1
+    q_pos = state.quantized + buffered - 1 - torch.tensor([3, 0, 0, 0])
+    _to_device(state)
+    q = torch.randn(B, Hkv * G, D, generator=gen).to(dtype=dtype, device=_device())
+    return q, state, slot_pos.to(_device()), q_pos.to(_device()), 1.0 / math.sqrt(D)
 
 
 def _dense_reference(q, state, slot_pos, q_pos, scale):
@@ -83,7 +94,34 @@ def _indices(slot_pos, kv_heads, k, seed):
     return idx.to(slot_pos.device)
 
 
-@pytest.mark.parametrize("bits", [(4, 2), (8, 1), (16, 2)])
+@pytest.fixture
+def bf16_dots(monkeypatch):
+    """The interpreter keeps bfloat16 as its raw bits (uint16) and multiplies those in `tl.dot`: widen bfloat16
+    operands to float32 first (exact), as the GPU's bf16 products accumulate in float32."""
+    from triton.runtime import interpreter
+
+    dot = interpreter.InterpreterBuilder.create_dot
+
+    def widen(x):
+        if x.dtype != tl.bfloat16:
+            return x
+        return interpreter.TensorHandle((x.data.astype(np.uint32) << 16).view(np.float32), tl.float32)
+
+    monkeypatch.setattr(interpreter.InterpreterBuilder, "create_dot",
+                        lambda self, a, b, d, *rest: dot(self, widen(a), widen(b), d, *rest))
+
+
+def _scores_lse(q, state, slot_pos, q_pos, scale):
+    """Natural log-sum-exp of the definition's visible scaled scores [B, Hq]."""
+    keys, _ = dequantize_state(state, slot_pos.shape[1])
+    B, Hq, D = q.shape
+    Hkv = keys.shape[1]
+    scores = torch.einsum("bkgd,bknd->bkgn", q.float().view(B, Hkv, -1, D), keys) * scale
+    visible = (slot_pos >= 0) & (slot_pos <= q_pos[:, None])
+    return scores.masked_fill(~visible[:, None, None], -math.inf).logsumexp(-1).view(B, Hq)
+
+
+@pytest.mark.parametrize("bits", [(4, 2), (8, 1), (2, 16), (16, 2)])
 @pytest.mark.parametrize("G", [1, 4])
 def test_dense_matches_dequantized_reference(bits, G):
     case = _make_case(bits, G=G, seed=G + bits[0])
@@ -94,25 +132,36 @@ def test_dense_matches_dequantized_reference(bits, G):
 
 @pytest.mark.parametrize("bits", [(4, 2), (2, 1)])
 def test_gathered_matches_dequantized_reference(bits):
-    q, state, slot_pos, q_pos, scale = _make_case(bits, G=3, D=32, seed=5)
+    q, state, slot_pos, q_pos, scale = _make_case(bits, G=3, D=32, seed=5, holes=True)
     indices = _indices(slot_pos, 2, 70, seed=1)
     out = quant_decode_attention_triton(q, state, slot_pos, q_pos, scale, indices=indices)
     torch.testing.assert_close(out, _gathered_reference(q, state, slot_pos, q_pos, scale, indices),
                                atol=1e-4, rtol=1e-4)
 
 
-@pytest.mark.parametrize("num_splits", [1, 3])
-def test_splits_and_log_sum_exp(num_splits):
+@pytest.mark.parametrize("block_rows", [16, None])
+@pytest.mark.parametrize("num_splits", [1, 3, 7])
+def test_splits_and_log_sum_exp(monkeypatch, block_rows, num_splits):
+    """Dense read split over rows: with 16-row tiles the salient rows (100, 52, 60, 0) and the others (66, 34,
+    40, 0) span several tiles and splits, and 7 splits leave some programs no plane rows; the default 64-row
+    tiles hold a plane in one or two, so most splits take a whole plane or none. The log-sum-exp merges them."""
+    if block_rows:
+        monkeypatch.setattr(triton_quant_decode, "_block_rows", lambda block_d: block_rows)
     q, state, slot_pos, q_pos, scale = _make_case(seed=9)
+    assert _salient_slots(state).tolist() == [100, 52, 60, 0]
     out, lse = quant_decode_attention_triton(q, state, slot_pos, q_pos, scale, num_splits=num_splits,
                                              return_lse=True)
     torch.testing.assert_close(out, _dense_reference(q, state, slot_pos, q_pos, scale), atol=1e-4, rtol=1e-4)
-    keys, _ = dequantize_state(state, slot_pos.shape[1])
-    B, Hq, D = q.shape
-    scores = torch.einsum("bkgd,bknd->bkgn", q.view(B, 2, -1, D), keys) * scale
-    visible = (slot_pos >= 0) & (slot_pos <= q_pos[:, None])
-    expected = scores.masked_fill(~visible[:, None, None], -math.inf).logsumexp(-1).view(B, Hq)
-    torch.testing.assert_close(lse, expected, atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(lse, _scores_lse(q, state, slot_pos, q_pos, scale), atol=1e-4, rtol=1e-4)
+
+
+def test_buffer_past_the_last_slot():
+    """Buffer rows whose slot is past `slot_pos`'s last column are not read (row 0's last 6 of 10)."""
+    q, state, slot_pos, q_pos, scale = _make_case(G=2, D=32, seed=6)
+    slot_pos = slot_pos[:, :170]
+    out, lse = quant_decode_attention_triton(q, state, slot_pos, q_pos, scale, num_splits=2, return_lse=True)
+    torch.testing.assert_close(out, _dense_reference(q, state, slot_pos, q_pos, scale), atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(lse, _scores_lse(q, state, slot_pos, q_pos, scale), atol=1e-4, rtol=1e-4)
 
 
 def test_sixteen_bits_is_dense_attention():
@@ -128,31 +177,45 @@ def test_sixteen_bits_is_dense_attention():
     slot_pos[:, N] = -1
     slot_pos[1, 40:] = -1
     q, q_pos = torch.randn(B, Hkv * G, D, generator=gen), torch.tensor([N - 1, 39])
-    out = quant_decode_attention_triton(q, state, slot_pos, q_pos, 0.125)
     expected = decode_attention_reference(q, None, torch.cat([k, k[:, :, :1]], 2), torch.cat([v, v[:, :, :1]], 2),
                                           slot_pos, q_pos, 0, 0, 0.125)
-    torch.testing.assert_close(out, expected, atol=1e-5, rtol=1e-5)
-
-
-def test_padded_and_empty_rows_are_zero():
-    q, state, slot_pos, q_pos, scale = _make_case(bits=(4, 2), G=2, D=32, seed=4)
-    q_pos[0] = -1  # padded row
-    slot_pos[1] = -1  # row that sees nothing
-    out, lse = quant_decode_attention_triton(q, state, slot_pos, q_pos, scale, return_lse=True)
-    assert torch.isfinite(out).all() and (out[:2] == 0).all() and (lse[:2] == -math.inf).all()
-    torch.testing.assert_close(out, _dense_reference(q, state, slot_pos, q_pos, scale), atol=1e-4, rtol=1e-4)
+    _to_device(state)
+    dev = _device()
+    out = quant_decode_attention_triton(q.to(dev), state, slot_pos.to(dev), q_pos.to(dev), 0.125)
+    torch.testing.assert_close(out.cpu(), expected, atol=1e-5, rtol=1e-5)
 
 
 @pytest.mark.parametrize("gathered", [False, True])
-def test_fp16(gathered):
-    """Half-precision queries and buffers (bf16 dots are unsupported by the interpreter)."""
-    q, state, slot_pos, q_pos, scale = _make_case(dtype=torch.float16, G=4, D=64, seed=11)
-    indices = _indices(slot_pos, 2, 90, seed=2) if gathered else None
-    out = quant_decode_attention_triton(q, state, slot_pos, q_pos, scale, indices=indices)
-    assert out.dtype == torch.float16
+def test_padded_and_empty_rows_are_zero(gathered):
+    """A padding query (q_pos -1, as a left-padded row's padding steps) sees none of its row's tokens, and a
+    row with nothing stored sees nothing."""
+    q, state, slot_pos, q_pos, scale = _make_case(bits=(4, 2), G=2, D=32, seed=4)
+    q_pos[0] = -1
+    slot_pos[3] = -1  # row 3's buffered tokens gone: nothing stored
+    indices = _indices(slot_pos, 2, 120, seed=3) if gathered else None
+    out, lse = quant_decode_attention_triton(q, state, slot_pos, q_pos, scale, indices=indices, return_lse=True)
+    assert torch.isfinite(out).all() and (out[[0, 3]] == 0).all() and (lse[[0, 3]] == -math.inf).all()
     expected = (_gathered_reference(q, state, slot_pos, q_pos, scale, indices) if gathered
                 else _dense_reference(q, state, slot_pos, q_pos, scale))
-    torch.testing.assert_close(out, expected, atol=5e-3, rtol=1e-2)
+    torch.testing.assert_close(out, expected, atol=1e-4, rtol=1e-4)
+    assert torch.isfinite(lse[[1, 2]]).all()
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("gathered", [False, True])
+def test_half_precision(bf16_dots, dtype, gathered):
+    """Half-precision queries, buffers and 16-bit planes: dots on half operands, accumulated in float32."""
+    bits = (16, 2) if gathered else (4, 16)
+    q, state, slot_pos, q_pos, scale = _make_case(bits, dtype=dtype, G=4, D=64, seed=11)
+    indices = _indices(slot_pos, 2, 90, seed=2) if gathered else None
+    out, lse = quant_decode_attention_triton(q, state, slot_pos, q_pos, scale, indices=indices, return_lse=True)
+    assert out.dtype == dtype
+    expected = (_gathered_reference(q, state, slot_pos, q_pos, scale, indices) if gathered
+                else _dense_reference(q, state, slot_pos, q_pos, scale))
+    tol = 5e-3 if dtype == torch.float16 else 3e-2
+    torch.testing.assert_close(out, expected, atol=tol, rtol=tol)
+    if not gathered:
+        torch.testing.assert_close(lse, _scores_lse(q, state, slot_pos, q_pos, scale), atol=tol, rtol=tol)
 
 
 def test_rejects_non_contiguous_state():
