@@ -12,7 +12,9 @@ For each model shape (random bf16 weights), context and batch it times one-token
 Caches are filled directly with random keys/values for positions 0..ctx-1 (no prefill; a ring cache holds the 4
 sinks and the newest 2,044 positions, in the slots StreamingLLM would have put them), then each step decodes
 greedily (argmax on the device, no host synchronisation between steps). Step latency is the median over the timed
-steps of the time between consecutive CUDA events recorded at each step's start, after warm-up.
+steps of the time between consecutive CUDA events recorded at each step's start, after warm-up. zipcache's
+periodic step (its buffers quantized every 100 decode steps, between steps) is timed apart and shown beside the
+label; amortised it adds that time / 100 to a step.
 
 The floor of a step is (bytes of weights it reads + bytes of K/V it must read) / the device-to-device copy
 bandwidth measured here (bytes read + bytes written). Weights read = every parameter except an untied input
@@ -53,13 +55,27 @@ SHAPES = {
                num_attention_heads=32, num_key_value_heads=8, head_dim=128, tie_word_embeddings=False),
 }
 SINKS, WINDOW = 4, 2044  # StreamingLLM with a 2,048-token budget
-METHODS = ["dense", "streamingllm", "hf_static", "hf_eager"]
+BUDGET = SINKS + WINDOW  # tokens read per step by the sparse methods in their sparse layers
+# kvcompile methods: their passes.
+KVCOMPILE = {
+    "dense": ["dense"],
+    "streamingllm": [f"streamingllm:sink_tokens={SINKS},window_tokens={WINDOW}"],
+    "tidaldecode": [f"tidaldecode:token_budget={BUDGET}"],
+    "tokenselect": [f"tokenselect:token_budget={BUDGET}"],
+    "zipcache": ["zipcache"],
+    "tidaldecode+zipcache": ["zipcache", f"tidaldecode:token_budget={BUDGET}"],
+}
+METHODS = list(KVCOMPILE) + ["hf_static", "hf_eager"]
 LABELS = {"dense": "kvcompile dense", "streamingllm": "kvcompile streamingllm (2,048)",
+          "tidaldecode": "kvcompile tidaldecode (2,048)", "tokenselect": "kvcompile tokenselect (2,048)",
+          "zipcache": "kvcompile zipcache (4/2 bits)",
+          "tidaldecode+zipcache": "kvcompile tidaldecode (2,048) + zipcache",
           "hf_static": "transformers static + compile", "hf_eager": "transformers eager"}
 OP_TOL = 1e-2  # one attention op in bf16 against the fp32-math reference
 # Logits of the whole random-weight model in bf16: rounding differences grow through the layers. Calibration on
 # the 8B shape at 32k (H100): transformers' own SDPA eager step differs from the reference graph by 4.1-4.3e-2.
 E2E_TOL = 8e-2
+CHECKED_LOGITS = 256  # prefill: the last positions whose logits are compared with transformers
 
 
 # --- measurement helpers (a CPU dry run, --device cpu, checks the script itself) -------------------------------
@@ -219,6 +235,57 @@ def fill_kvcompile_cache(opt, ctx: int):
             buf.normal_(generator=gen)
 
 
+def fill_zipcache(opt, ctx: int, block: int = 2048):
+    """Quantize random keys/values for positions 0..ctx-1 into every zipcache layer, in blocks of `block`
+    tokens with 60% of each block salient (random choice), as the prefill leaves the store."""
+    from kvcompile.ops.quantization import STATE_FIELDS, quantize_into, salient_allowance, select_salient, state_of
+
+    passes = {p.name: p for p in opt.passes}
+    zipcache = passes["zipcache"]
+    gen = torch.Generator(device=opt.device).manual_seed(1)
+    layers = sorted({name.split("_")[0] for name in opt.state.specs if "_zipcache_" in name})
+    for layer in layers:
+        tensors = [getattr(opt.state, f"{layer}_zipcache_{field}") for field in STATE_FIELDS]
+        for t in tensors:
+            t.zero_()
+        state = state_of(tensors, zipcache.high_bits, zipcache.low_bits)
+        batch, heads, _, head_dim = state.key_buffer.shape
+        for start in range(0, ctx, block):
+            n = min(block, ctx - start)
+            keys = torch.randn(batch, heads, n, head_dim, generator=gen, device=opt.device,
+                               dtype=state.key_buffer.dtype)
+            values = torch.randn_like(keys)
+            scores = torch.rand(batch, heads, n, generator=gen, device=opt.device)
+            valid = torch.ones(batch, n, dtype=torch.bool, device=opt.device)
+            count = torch.full((batch,), n, device=opt.device)
+            allowance = salient_allowance(state, count, zipcache.saliency_ratio)
+            salient = select_salient(scores, valid, zipcache.saliency_ratio, allowance)
+            quantize_into(state, keys, values, salient, count)
+
+
+def kv_read_bytes(opt, config, method: str, batch: int, visible: int, capacity_tokens: int) -> int:
+    """Bytes of cache a decode step of `method` must read with `visible` tokens in the stream."""
+    layers = config.num_hidden_layers
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    k_bytes = batch * config.num_key_value_heads * head_dim * opt.dtype.itemsize  # one token's key in one layer
+    sparse = min(visible, BUDGET + 1)
+    if method == "dense":
+        return layers * visible * 2 * k_bytes
+    if method == "streamingllm":
+        return layers * sparse * 2 * k_bytes
+    if method == "tokenselect":  # criticality reads every key; attention reads the chosen values
+        return layers * (visible + sparse) * k_bytes
+    full_layers = layers
+    if method.startswith("tidaldecode"):  # layers before the first selection layer, and the selection layers
+        from kvcompile.passes.tidaldecode import default_selection_layers
+        chosen = default_selection_layers(layers)
+        full_layers = chosen[0] + len(chosen)
+    per_layer_tokens = full_layers * visible + (layers - full_layers) * sparse
+    if "zipcache" in method:  # the packed store, in proportion to the tokens read
+        return int(opt.kv_bytes() * per_layer_tokens / (layers * capacity_tokens))
+    return per_layer_tokens * 2 * k_bytes
+
+
 def check_op(batch: int, ctx: int, window: bool, device) -> float:
     """decode_step against the op's reference path on random bf16 inputs of the benchmark's shape: the largest
     of the output's relative L2 error and the caches' max abs difference afterwards."""
@@ -269,18 +336,20 @@ def run_kvcompile(model, method: str, batch: int, ctx: int, args, cache: dict) -
     import kvcompile
     from kvcompile.ops import decode
 
-    passes = "dense" if method == "dense" else f"streamingllm:sink_tokens={SINKS},window_tokens={WINDOW}"
     release_caches(cache)
     if method not in cache:  # one capture (export) per model and method; sizes change through reserve()
         t0 = time.perf_counter()
-        cache[method] = kvcompile.optimize(model, passes, backend=BACKEND, prefill_chunk=1)
+        cache[method] = kvcompile.optimize(model, KVCOMPILE[method], backend=BACKEND, prefill_chunk=1)
         print(f"  export {method}: {time.perf_counter() - t0:.1f}s", flush=True)
     opt = cache[method]
     reset_peak()
-    op_err = check_op(min(batch, 2), ctx, method != "dense", opt.device) if DEVICE.type == "cuda" else None
+    with_op_check = DEVICE.type == "cuda" and method in ("dense", "streamingllm")
+    op_err = check_op(min(batch, 2), ctx, method != "dense", opt.device) if with_op_check else None
     capacity_tokens = ctx + 1 + args.warmup + args.steps + 1
     opt.reserve(batch, capacity_tokens)
     fill_kvcompile_cache(opt, ctx)
+    if "zipcache" in method:
+        fill_zipcache(opt, ctx)
     tokens = torch.randint(0, model.config.vocab_size, (batch, 1), device=opt.device)
     pos = torch.full((batch, 1), ctx, dtype=torch.long, device=opt.device)
 
@@ -305,8 +374,17 @@ def run_kvcompile(model, method: str, batch: int, ctx: int, args, cache: dict) -
     free_memory()
     reset_peak()
     times = time_steps(opt.run_step, tokens, ctx + 1, args.warmup, args.steps)
-    visible = ctx + 1 + args.warmup + args.steps // 2 if method == "dense" else min(ctx + 1, SINKS + WINDOW)
-    return dict(times=times, compile_s=compile_s, **checks, kv_alloc_bytes=opt.kv_bytes(), kv_read_tokens=visible,
+    periodic = {}
+    for hook in opt.hooks:  # zipcache's periodic step, every streaming_gap decode steps, timed apart
+        start, end = event(), event()
+        start.record()
+        hook.quantize()
+        end.record()
+        sync()
+        periodic = dict(periodic_ms=start.elapsed_time(end), periodic_every=hook.gap)
+    visible = ctx + 1 + args.warmup + args.steps // 2
+    return dict(times=times, compile_s=compile_s, **checks, **periodic, kv_alloc_bytes=opt.kv_bytes(),
+                kv_read_bytes=kv_read_bytes(opt, model.config, method, batch, visible, capacity_tokens),
                 peak_decode_bytes=peak_bytes())
 
 
@@ -374,8 +452,9 @@ def run_hf(model, method: str, batch: int, ctx: int, args, cache: dict) -> dict:
     reset_peak()
     times = time_steps(step, tokens, ctx + warm, args.warmup, args.steps)
     kv_alloc = sum(t.numel() * t.element_size() for layer in past.layers for t in (layer.keys, layer.values))
+    visible = ctx + warm + args.warmup + args.steps // 2
     result = dict(times=times, compile_s=compile_s, rel_err=None, argmax_agree=None, ok=ok,
-                  kv_alloc_bytes=kv_alloc, kv_read_tokens=ctx + warm + args.warmup + args.steps // 2,
+                  kv_alloc_bytes=kv_alloc, kv_read_bytes=kv_bytes_read(config, batch, visible, dtype),
                   peak_decode_bytes=peak_bytes())
     del past, forward, step
     reset_compiled()
@@ -383,8 +462,9 @@ def run_hf(model, method: str, batch: int, ctx: int, args, cache: dict) -> dict:
 
 
 def check_prefill_op(device) -> float:
-    """prefill_step against the op's reference path (bf16, dense cache): the largest of the output's relative L2
-    error and the caches' max abs difference afterwards."""
+    """The op's prefill fast path (`causal_prefill`: lower-right causal SDPA over a cached prefix) against its
+    reference path (bf16, dense cache): the largest of the output's relative L2 error and the caches' max abs
+    difference afterwards."""
     from kvcompile.ops import decode
 
     gen = torch.Generator(device=device).manual_seed(3)
@@ -399,7 +479,6 @@ def check_prefill_op(device) -> float:
     slot_pos[0, :cached] = torch.arange(cached, device=device)
     state = [rand(1, hkv, slots, d), rand(1, hkv, slots, d), slot_pos]
     positions = torch.arange(cached, cached + seq, device=device)[None]
-    positions[0, :7] = -1  # a few padded tokens
     args = (positions, 0, 0, d ** -0.5)
     ref_state = [t.clone() for t in state]
     with decode.reference_attention():
@@ -411,7 +490,9 @@ def check_prefill_op(device) -> float:
 
 
 def run_prefill(model, ctx: int, chunk: int, results: list, repeats: int = 3) -> None:
-    """32k-token prefill, batch 1: kvcompile dense (chunked, FlexAttention) vs transformers SDPA, one shot."""
+    """Prefill of `ctx` tokens, batch 1: kvcompile dense (the library's chunk loop, causal SDPA per chunk) vs
+    transformers SDPA in one forward; both compute the logits of the last chunk's tokens and kvcompile those of
+    every chunk (its step graph returns all of a chunk's logits), so one chunk of `ctx` is like for like."""
     import kvcompile
 
     free_memory()
@@ -435,14 +516,14 @@ def run_prefill(model, ctx: int, chunk: int, results: list, repeats: int = 3) ->
         reset_peak()
         hf_ms, hf_out = timed(lambda: model(ids, use_cache=False, logits_to_keep=ctx - (ctx - 1) // chunk * chunk).logits)
         hf_peak = peak_bytes()
-        hf_last = hf_out.float()
+        hf_last = hf_out[:, -CHECKED_LOGITS:].float()  # all 32k rows in float32 would take 16 GB
         del hf_out
         results.append(dict(method="hf_prefill", label="transformers SDPA prefill", ms=hf_ms,
                             peak_bytes=hf_peak))
         print(row_text(dict(results[-1], kind="prefill", model="", ctx=ctx)), flush=True)
     if DEVICE.type == "cuda" and PREFILL_OP_CHECK:
         op_err = check_prefill_op(model.device)
-        print(f"  prefill op check (FlexAttention vs reference, 1024 new over 4096 cached): {op_err:.1e}",
+        print(f"  prefill op check (causal SDPA vs reference, 1024 new over 4096 cached): {op_err:.1e}",
               flush=True)
         results.append(dict(method="prefill_op_check", label="prefill op vs reference", rel_err=op_err,
                             ok=op_err <= OP_TOL))
@@ -465,7 +546,7 @@ def run_prefill(model, ctx: int, chunk: int, results: list, repeats: int = 3) ->
         compile_s = time.perf_counter() - t0
         reset_peak()
         kv_ms, kv_out = timed(prefill)
-        err, agree = rel_error(kv_out, hf_last)
+        err, agree = rel_error(kv_out[:, -CHECKED_LOGITS:], hf_last)
         results.append(dict(method="kvcompile_prefill", label=f"kvcompile dense prefill (chunk {chunk})",
                             ms=kv_ms, peak_bytes=peak_bytes(), compile_s=compile_s,
                             rel_err_vs_hf=err, argmax_agree=agree, ok=err <= E2E_TOL))
@@ -486,7 +567,8 @@ def row_text(r: dict) -> str:
     check = "" if r.get("rel_err") is None else f"{r['rel_err']:.1e} / {r['argmax_agree']:.2f}"
     if "error" in r:
         return f"| {r['model']} | {r['ctx']} | {r['batch']} | {r['label']} | failed: {r['error']} |"
-    return (f"| {r['model']} | {r['ctx']} | {r['batch']} | {r['label']} | {r['ms']:.2f} | {r['tok_s']:.0f} | "
+    label = r["label"] + (f" (+{r['periodic_ms']:.1f} ms every {r['periodic_every']})" if "periodic_ms" in r else "")
+    return (f"| {r['model']} | {r['ctx']} | {r['batch']} | {label} | {r['ms']:.2f} | {r['tok_s']:.0f} | "
             f"{r['x_floor']:.3f} | {r['peak_decode_bytes'] / gb:.1f} | {r['kv_alloc_bytes'] / gb:.2f} | "
             f"{r['floor_ms']:.2f} | {check} |")
 
@@ -504,10 +586,8 @@ def main():
     parser.add_argument("--steps", type=int, default=24)
     parser.add_argument("--warmup", type=int, default=4)
     parser.add_argument("--prefill", type=int, default=0,
-                        help="also time a prefill of this many tokens, batch 1, against transformers' SDPA prefill "
-                             "(kvcompile prefill takes the op's reference attention until ops/prefill.py is wired "
-                             "in: minutes and tens of GB at 32k)")
-    parser.add_argument("--prefill-chunk", type=int, default=4096)
+                        help="also time a prefill of this many tokens, batch 1, against transformers' SDPA prefill")
+    parser.add_argument("--prefill-chunk", type=int, default=0, help="kvcompile prefill chunk (0: the whole prompt)")
     parser.add_argument("--prefill-repeats", type=int, default=3)
     parser.add_argument("--no-prefill-op-check", action="store_true",
                         help="skip the op-level prefill check (the logits are still compared with transformers)")
@@ -562,13 +642,12 @@ def main():
                         else:
                             t0 = time.perf_counter()
                             try:
-                                runner = run_kvcompile if method in ("dense", "streamingllm") else run_hf
+                                runner = run_kvcompile if method in KVCOMPILE else run_hf
                                 r = runner(model, method, batch, ctx, args, exports)
                                 ms = statistics.median(r.pop("times"))
-                                kv_read = kv_bytes_read(model.config, batch, r["kv_read_tokens"], model.dtype)
-                                floor_ms = (weights + kv_read) / bandwidth * 1e3
+                                floor_ms = (weights + r["kv_read_bytes"]) / bandwidth * 1e3
                                 row = dict(base, **r, ms=ms, tok_s=batch * 1e3 / ms, weight_bytes=weights,
-                                           kv_read_bytes=kv_read, floor_ms=floor_ms, x_floor=ms / floor_ms)
+                                           floor_ms=floor_ms, x_floor=ms / floor_ms)
                             except Exception as error:  # keep going: report the failure in the table
                                 traceback.print_exc()
                                 row = dict(base, error=f"{type(error).__name__}: {str(error)[:200]}")
@@ -587,7 +666,7 @@ def main():
             elif args.prefill:
                 done: list = []
                 try:
-                    run_prefill(model, args.prefill, args.prefill_chunk, done, args.prefill_repeats)
+                    run_prefill(model, args.prefill, args.prefill_chunk or args.prefill, done, args.prefill_repeats)
                 except Exception as error:
                     traceback.print_exc()
                     print(f"prefill failed: {type(error).__name__}: {str(error)[:300]}", flush=True)
@@ -622,7 +701,8 @@ def plot(results_path: Path, figures: Path):
             for ax, field in zip(axes, ("x_floor", "tok_s")):
                 values = [next((r[field] for r in mine if (r["ctx"], r["batch"]) == c and r["method"] == method),
                                math.nan) for c in configs]
-                ax.bar([i + (m - 1.5) * width for i in range(len(configs))], values, width, label=LABELS[method])
+                ax.bar([i + (m - (len(METHODS) - 1) / 2) * width for i in range(len(configs))], values, width,
+                       label=LABELS[method])
         for ax, title in zip(axes, ("step latency / bandwidth floor (lower is better)", "tokens/s")):
             ax.set_xticks(range(len(configs)), [f"ctx {c // 1024}k, B={b}" for c, b in configs])
             ax.set_title(title)
