@@ -699,8 +699,9 @@ def plot(results_path: Path, figures: Path):
         width = 0.8 / len(METHODS)
         for m, method in enumerate(METHODS):
             for ax, field in zip(axes, ("x_floor", "tok_s")):
-                values = [next((r[field] for r in mine if (r["ctx"], r["batch"]) == c and r["method"] == method),
-                               math.nan) for c in configs]
+                values = [next((r[field] for r in reversed(mine)  # the latest run of a configuration
+                                if (r["ctx"], r["batch"]) == c and r["method"] == method), math.nan)
+                          for c in configs]
                 ax.bar([i + (m - (len(METHODS) - 1) / 2) * width for i in range(len(configs))], values, width,
                        label=LABELS[method])
         for ax, title in zip(axes, ("step latency / bandwidth floor (lower is better)", "tokens/s")):
