@@ -11,7 +11,6 @@ from __future__ import annotations
 import contextlib
 from typing import Iterator, Optional
 
-import torch
 from torch import Tensor
 
 from kvcompile.ops.cached_attention import write_cache

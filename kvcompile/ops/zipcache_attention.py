@@ -23,7 +23,7 @@ the periodic step ranks every buffered token by `exp(q.k - lse)` with the log-su
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable, Optional
+from typing import Optional
 
 import torch
 from torch import Tensor
