@@ -139,6 +139,25 @@ def test_gathered_matches_dequantized_reference(bits):
                                atol=1e-4, rtol=1e-4)
 
 
+def test_gathered_scores_for_selection():
+    """`return_scores` over every slot (a selection layer's full read): the visible slots' scaled scores of each
+    query head, -inf elsewhere; the output and log-sum-exp are the dense read's."""
+    q, state, slot_pos, q_pos, scale = _make_case(seed=3)
+    B, N = slot_pos.shape
+    every = torch.arange(N, device=slot_pos.device).expand(B, 2, N).contiguous()
+    out, lse, scores = quant_decode_attention_triton(q, state, slot_pos, q_pos, scale, indices=every,
+                                                     return_lse=True, return_scores=True)
+    keys, _ = dequantize_state(state, N)
+    expected = torch.einsum("bkgd,bknd->bkgn", q.float().view(B, 2, -1, q.shape[2]), keys) * scale
+    visible = ((slot_pos >= 0) & (slot_pos <= q_pos[:, None]))[:, None, None].expand_as(expected)
+    assert torch.equal(torch.isinf(scores), ~visible)
+    torch.testing.assert_close(scores[visible], expected[visible], atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(out, _dense_reference(q, state, slot_pos, q_pos, scale), atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(lse, _scores_lse(q, state, slot_pos, q_pos, scale), atol=1e-4, rtol=1e-4)
+    with pytest.raises(ValueError, match="indices"):
+        quant_decode_attention_triton(q, state, slot_pos, q_pos, scale, return_scores=True)
+
+
 @pytest.mark.parametrize("block_rows", [16, None])
 @pytest.mark.parametrize("num_splits", [1, 3, 7])
 def test_splits_and_log_sum_exp(monkeypatch, block_rows, num_splits):

@@ -81,13 +81,15 @@ if triton is not None:
     @triton.jit
     def _quant_decode_split_kernel(
         Q, KH, KHS, KHZ, KL, KLS, KLZ, KC, VH, VHS, VHZ, VL, VLS, VLZ, VC,
-        WORDS, RANK, QUANT, KB, VB, POS, QPOS, IDX, WS,
+        WORDS, RANK, QUANT, KB, VB, POS, QPOS, IDX, WS, SC,
         stride_qb, stride_qh, stride_qd, stride_pb, stride_pn,
         N, chunk_len, rows_high, rows_low, num_words, buffer_rows, qk_scale,
         G: tl.constexpr, D: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr,
-        HIGH_BITS: tl.constexpr, LOW_BITS: tl.constexpr, DOT_PRECISION: tl.constexpr,
+        HIGH_BITS: tl.constexpr, LOW_BITS: tl.constexpr, DOT_PRECISION: tl.constexpr, STORE_SCORES: tl.constexpr,
     ):
-        """Online softmax of the G heads of one KV head over one chunk of its `indices` (the gathered read)."""
+        """Online softmax of the G heads of one KV head over one chunk of its `indices` (the gathered read);
+        with STORE_SCORES also every scaled score (natural log domain, -inf where not visible) to SC
+        [B, Hkv, G, N]."""
         # int64 offsets: a long cache can pass 2**31 bytes.
         b = tl.program_id(0).to(tl.int64)
         kvh = tl.program_id(1).to(tl.int64)
@@ -147,6 +149,9 @@ if triton is not None:
             k = tl.where(from_buffer[:, None], tl.load(KB + buf_offs, mask=buf_mask, other=0.0).to(tl.float32), k)
             s = tl.dot(q, tl.trans(k.to(q.dtype)), input_precision=DOT_PRECISION)
             s = tl.where(vis[None, :], s * qk_scale, float("-inf"))
+            if STORE_SCORES:
+                tl.store(SC + (bh * G + offs_g)[:, None] * N + offs_n[None, :], s * 0.6931471805599453,  # ln 2: log2 domain to natural
+                         mask=g_mask[:, None] & in_range[None, :])
 
             m_new = tl.maximum(m_i, tl.max(s, 1))
             # While nothing is visible the max is -inf; shifting by 0 keeps exp2 at 0 instead of NaN.
@@ -410,9 +415,15 @@ def _log_sum_exp(ws: Tensor, B: int, Hq: int, D: int, splits: int) -> Tensor:
     return (shift[..., 0] + torch.log2((l * torch.exp2(m - shift)).sum(-1))) * math.log(2.0)
 
 
+def _results(out: Tensor, lse: Optional[Tensor], scores: Optional[Tensor]):
+    """`out`, then the log-sum-exp and the scores where they were asked for."""
+    extra = tuple(t for t in (lse, scores) if t is not None)
+    return (out, *extra) if extra else out
+
+
 def quant_decode_attention_triton(q: Tensor, state: ZipCacheState, slot_pos: Tensor, q_pos: Tensor, scale: float,
                                   *, indices: Optional[Tensor] = None, num_splits: Optional[int] = None,
-                                  return_lse: bool = False):
+                                  return_lse: bool = False, return_scores: bool = False):
     """Attention of one query token per row `q` [B, Hq, D] over a ZipCache `state`, in place.
 
     The definition is `decode_attention_reference(q, None, *dequantize_state(state, N), slot_pos, q_pos, 0, 0,
@@ -421,7 +432,9 @@ def quant_decode_attention_triton(q: Tensor, state: ZipCacheState, slot_pos: Ten
     of a row with `q_pos >= 0` to hold a position in [0, q_pos], as in a ZipCache decode step (see the module
     docstring). With `return_lse` also returns the natural log-sum-exp
     of the scaled scores [B, Hq] float32 (-inf where nothing is visible), from which the periodic step gets the
-    probabilities of the buffered tokens without a second pass. `num_splits` overrides the split count.
+    probabilities of the buffered tokens without a second pass. With `return_scores` (gathered reads only) also
+    returns every scaled score [B, Hkv, G, K] float32 (-inf where not visible), for selection. `num_splits`
+    overrides the split count.
     """
     if triton is None:
         raise ImportError("quant_decode_attention_triton needs Triton: pip install triton")
@@ -432,8 +445,12 @@ def quant_decode_attention_triton(q: Tensor, state: ZipCacheState, slot_pos: Ten
     G = Hq // Hkv
     N = slot_pos.shape[1] if indices is None else indices.shape[2]
     out = torch.empty_like(q, memory_format=torch.contiguous_format)
+    if return_scores and indices is None:
+        raise ValueError("return_scores needs the gathered read: pass indices (every slot for a full read)")
+    scores = torch.empty(B, Hkv, G, N, device=q.device, dtype=torch.float32) if return_scores else None
     if out.numel() == 0:
-        return (out, q.new_full((B, Hq), -math.inf, dtype=torch.float32)) if return_lse else out
+        lse = q.new_full((B, Hq), -math.inf, dtype=torch.float32) if return_lse else None
+        return _results(out, lse, scores)
 
     BLOCK_D = triton.next_power_of_2(D)
     BLOCK_G = max(16, triton.next_power_of_2(G))  # tl.dot needs M >= 16
@@ -466,10 +483,11 @@ def quant_decode_attention_triton(q: Tensor, state: ZipCacheState, slot_pos: Ten
         _quant_decode_split_kernel[(B, Hkv, splits)](
             q, *_planes_args(state.keys), *_planes_args(state.values),
             state.salient_words, state.salient_rank, state.quantized, state.key_buffer, state.value_buffer,
-            slot_pos, q_pos, indices, ws, *q.stride(), *slot_pos.stride(), N, chunk_len, *rows, scale * _LOG2E,
-            BLOCK_N=BLOCK_N, **common, num_warps=4, num_stages=2,
+            slot_pos, q_pos, indices, ws, scores if return_scores else ws, *q.stride(), *slot_pos.stride(), N,
+            chunk_len, *rows, scale * _LOG2E, BLOCK_N=BLOCK_N, STORE_SCORES=return_scores, **common,
+            num_warps=4, num_stages=2,
         )
     _decode_merge_kernel[(B * Hq,)](
         ws, out, splits, D=D, BLOCK_S=triton.next_power_of_2(splits), BLOCK_D=BLOCK_D, num_warps=4,
     )
-    return (out, _log_sum_exp(ws, B, Hq, D, splits)) if return_lse else out
+    return _results(out, _log_sum_exp(ws, B, Hq, D, splits) if return_lse else None, scores)

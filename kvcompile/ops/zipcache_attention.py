@@ -15,9 +15,10 @@ the last slot is the scratch slot of `kvcompile.ops.cached_attention`.
   attention the last step's query gave the buffered tokens, `exp(q.k - lse)`. Keeping it out of the decode op
   keeps the decode step small (a CUDA graph replays it every step; the periodic step is hundreds of kernels).
 
-Read variants for read passes (TidalDecode), decode only: `zipcache_attention_select` (full attention over the
-dequantized cache that also returns the top slots) and `zipcache_sparse_attention` (attention over given slots:
-the Triton kernel's gathered read on CUDA, a gather of the dequantized cache elsewhere). After a sparse read
+Read variants for read passes (TidalDecode), decode only: `zipcache_attention_select` (full attention that also
+returns the top slots: on CUDA the Triton kernel's gathered read over every slot, which writes the scores too) and
+`zipcache_sparse_attention` (attention over given slots: the gathered read on CUDA). Elsewhere both gather from
+the dequantized cache. After a sparse read
 the periodic step ranks every buffered token by `exp(q.k - lse)` with the log-sum-exp over the tokens read.
 """
 from __future__ import annotations
@@ -152,7 +153,15 @@ def _decode(q: Tensor, k: Tensor, v: Tensor, state: ZipCacheState, slot_pos: Ten
         current = cache_slots(positions, slots, 0, 0)[:, None, :].expand(batch, kv_heads, 1)
         read = torch.cat([indices, current], dim=2)
     chosen = None
-    if _use_kernel(q) and not num_selected:
+    cached = (slot_pos >= 0) & (slot_pos < positions[:, -1:])  # visible to a selection, the new token excluded
+    if _use_kernel(q) and num_selected:  # a full read through the gathered kernel, which also gives the scores
+        every = torch.arange(slots, device=q.device).expand(batch, kv_heads, slots).contiguous()
+        out, lse, scores = quant_decode_attention_triton(q[:, :, 0], state, slot_pos, positions[:, 0], scale,
+                                                         indices=every, return_lse=True, return_scores=True)
+        out = out[:, :, None]
+        probs = torch.exp(scores - lse.view(batch, kv_heads, -1, 1))[:, :, :, None]
+        chosen = select_by_attention(probs.nan_to_num(0.0), cached, num_selected, slots - 1)
+    elif _use_kernel(q):
         out, lse = quant_decode_attention_triton(q[:, :, 0], state, slot_pos, positions[:, 0], scale,
                                                  indices=None if read is None else read.contiguous(),
                                                  return_lse=True)
@@ -166,7 +175,6 @@ def _decode(q: Tensor, k: Tensor, v: Tensor, state: ZipCacheState, slot_pos: Ten
             keys, values = gather_slots(keys, read), gather_slots(values, read)
         out, probs = attend_per_head(q, None, keys, values, key_pos, positions, 0, 0, scale, with_probs=True)
         if num_selected:
-            cached = (slot_pos >= 0) & (slot_pos < positions[:, -1:])  # visible, the new token excluded
             chosen = select_by_attention(probs, cached, num_selected, slots - 1)
         lse = _log_sum_exp(q, keys, key_pos, positions, scale)
     _keep_step(*step, q, lse, scale)
