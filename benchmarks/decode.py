@@ -359,6 +359,10 @@ def run_kvcompile(model, method: str, batch: int, ctx: int, args, cache: dict) -
     fill_kvcompile_cache(opt, ctx)
     if "zipcache" in method:
         fill_zipcache(opt, ctx)
+    for hook in opt.hooks:  # zipcache's periodic step is timed apart: none may fall inside the timed steps
+        hook.reset()
+        if 2 + args.warmup + args.steps >= hook.gap:
+            raise ValueError(f"--warmup + --steps must stay below {hook.gap - 2} for {method}")
     tokens = torch.randint(0, model.config.vocab_size, (batch, 1), device=opt.device)
     pos = torch.full((batch, 1), ctx, dtype=torch.long, device=opt.device)
 

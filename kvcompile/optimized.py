@@ -56,9 +56,15 @@ class OptimizedModel(runtime.Runner):
 
     def run_step(self, input_ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         """Logits for one step of new tokens (the prefill chunk or one token per row), then the passes' work
-        between steps."""
+        between steps. A batch smaller than a pinned `max_batch_size` is padded with padding rows (position -1,
+        never stored) to the pinned shape."""
+        rows = input_ids.shape[0]
+        if self.max_batch_size is not None and rows < self.max_batch_size:
+            pad = self.max_batch_size - rows
+            input_ids = torch.cat([input_ids, input_ids.new_zeros(pad, input_ids.shape[1])])
+            positions = torch.cat([positions, positions.new_full((pad, positions.shape[1]), -1)])
         with torch.no_grad():
-            logits = self._lowered[input_ids.shape[1]](input_ids, positions)
+            logits = self._lowered[input_ids.shape[1]](input_ids, positions)[:rows]
         for hook in self.hooks:
             hook.after_step(input_ids.shape[1])
         return logits

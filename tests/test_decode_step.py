@@ -123,6 +123,24 @@ def test_causal_prefill_matches_reference():
             torch.testing.assert_close(fast, ref, atol=0, rtol=0)
 
 
+def test_causal_prefill_with_trailing_padding_and_padding_rows():
+    """The last chunk of a prompt (right-padded) and a padding-only row (a batch padded to a pinned size) still
+    take the SDPA path; padding queries get zeros, as in the reference."""
+    ref_cache = empty_cache(3, 40)
+    ref_cache[2][:2, :8] = torch.arange(8)  # rows 0 and 1 hold a prefix; row 2 (padding only) holds nothing
+    fast_cache = clone_all(ref_cache)
+    q, _, k, v = token(torch.Generator().manual_seed(6), batch=3, seq=8)
+    positions = torch.arange(8, 16).repeat(3, 1)
+    positions[0, 5:] = -1
+    positions[2] = -1
+    assert prefill.prefix_start(fast_cache[2], positions) == 8
+    expected = reference(q, None, k, v, *ref_cache, positions, 0, 0, 0.25)
+    out = torch.ops.kvcompile.cached_attention(q, None, k, v, *fast_cache, positions, 0, 0, 0.25)
+    torch.testing.assert_close(out, expected, atol=1e-5, rtol=1e-5)
+    for fast, ref in zip(fast_cache, ref_cache):
+        torch.testing.assert_close(fast, ref, atol=0, rtol=0)
+
+
 def test_prefix_start_refuses_what_causal_prefill_cannot_do():
     cache = empty_cache(B, 40)[2]
     cache[:, :8] = torch.arange(8)
@@ -133,9 +151,15 @@ def test_prefix_start_refuses_what_causal_prefill_cannot_do():
     staggered = contiguous - torch.tensor([[0], [1]])
     holes = cache.clone()
     holes[1, 4] = -1
+    stale = cache.clone()
+    stale[0, 12] = 3  # a stale entry in a slot the chunk is about to fill
+    gap = contiguous.clone()
+    gap[0, 2] = -1  # padding between real tokens
     assert prefill.prefix_start(cache, padded) is None
     assert prefill.prefix_start(cache, staggered) is None
     assert prefill.prefix_start(holes, contiguous) is None
+    assert prefill.prefix_start(stale, contiguous) is None
+    assert prefill.prefix_start(cache, gap) is None
     assert prefill.prefix_start(cache[:, :16], contiguous) is None  # the chunk would reach the scratch slot
 
 

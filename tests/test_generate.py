@@ -58,3 +58,16 @@ def test_streamer_receives_prompt_then_each_token():
                                                              eos_token_id=[])
     assert recorder.ended and torch.equal(recorder.chunks[0], ids)
     assert [int(c) for c in recorder.chunks[1:]] == out[0, 5:].tolist()
+
+
+def test_smaller_batch_than_pinned_is_padded():
+    """A cache pinned for 3 rows serves 1 or 2 rows (padded to the pinned shape) as an unpinned one does."""
+    model = tiny_hf_model("llama")
+    pinned = kvcompile.optimize(model, prefill_chunk=4, max_cache_len=32, max_batch_size=3)
+    free = kvcompile.optimize(model, prefill_chunk=4)
+    for rows in (1, 2):
+        ids = torch.randint(1, VOCAB, (rows, 6), generator=torch.Generator().manual_seed(rows))
+        kwargs = dict(max_new_tokens=5, return_dict_in_generate=True, output_logits=True, eos_token_id=[])
+        a, b = pinned.generate(ids, **kwargs), free.generate(ids, **kwargs)
+        assert torch.equal(a.sequences, b.sequences)
+        assert max((x - y).abs().max().item() for x, y in zip(a.logits, b.logits)) < 1e-5

@@ -136,7 +136,8 @@ def test_explain_and_clear_errors(llama, tmp_path):
     assert "zipcache: 4-bit salient / 2-bit regular tokens" in opt.explain()
     with pytest.raises(KVCompileError, match="zipcache_attention"):
         kvcompile.export(opt, tmp_path)
-    for bad in ("zipcache:high_bits=3", "zipcache:saliency_ratio=1.5", "zipcache:streaming_gap=0",
+    for bad in ("zipcache:high_bits=3", "zipcache:high_bits=2,low_bits=4", "zipcache:saliency_ratio=1.5",
+                "zipcache:streaming_gap=0",
                 "zipcache:probe_ratio=0", "zipcache:saliency=accumulated"):
         with pytest.raises(PassError, match="ZipCache"):
             kvcompile.optimize(llama, [bad])

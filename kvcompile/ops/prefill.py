@@ -1,13 +1,15 @@
 """Prefill paths of `kvcompile::cached_attention` (several new tokens per row).
 
-- The usual prefill — every row's chunk holds positions p0..p0+S-1 (no padding, the same p0 in every row) over a
-  dense cache whose slots 0..p0-1 hold positions 0..p0-1 — is causal attention over slots 0..p0+S-1 once the chunk
-  is written (slot = position). `causal_prefill` runs it as `scaled_dot_product_attention` with the lower-right
-  causal mask and native GQA: flash/efficient kernels on CUDA, no repeated K/V, no mask tensor. `prefix_start`
-  decides whether a call qualifies; it reads two scalars on the host, which a prefill step can afford (decode
-  steps never come here).
-- Anything else (padded rows, rows at different positions, ring caches, sink queries) takes the reference
-  attention in blocks of queries (`attend_in_blocks`), so the score matrix never exceeds `SCORE_ELEMENTS`.
+- The usual prefill — every row's chunk holds positions p0..p0+S-1 (the same p0 in every row; trailing padding
+  and padding-only rows allowed) over a dense cache whose slots 0..p0-1 hold positions 0..p0-1 — is causal
+  attention over slots 0..p0+S-1 once the chunk is written (slot = position). `causal_prefill` runs it as
+  `scaled_dot_product_attention` with the lower-right causal mask and native GQA: on CUDA in bf16/fp16 the flash
+  kernel, with no repeated K/V and no mask tensor (other dtypes and devices may take SDPA's math path, which
+  materialises the scores). `prefix_start` decides whether a call qualifies; it reads two scalars on the host,
+  which a prefill step can afford (decode steps never come here).
+- Anything else (left-padded rows, rows at different positions, ring caches, sink queries) takes the reference
+  attention in blocks of queries (`attend_in_blocks`), so each block's score matrix stays within
+  `SCORE_ELEMENTS` (its probabilities and masks take a few times that).
 """
 from __future__ import annotations
 
@@ -21,33 +23,38 @@ from kvcompile.ops.cached_attention import attend, write_cache
 
 __all__ = ["prefix_start", "causal_prefill", "attend_in_blocks", "SCORE_ELEMENTS"]
 
-SCORE_ELEMENTS = 1 << 28  # float32 scores per block of queries: 1 GiB
+SCORE_ELEMENTS = 1 << 28  # float32 scores per block of queries (1 GiB)
 
 
 def prefix_start(slot_pos: Tensor, positions: Tensor) -> Optional[int]:
-    """p0 when every row's chunk is positions p0..p0+S-1 and its dense cache holds exactly 0..p0-1 in slots
-    0..p0-1 (what `causal_prefill` needs), else None."""
+    """p0 when `causal_prefill` is exact for this chunk, else None: every row is padding (-1) only, or positions
+    p0, p0+1, ... from its first column followed by padding only, and such a row's dense cache holds exactly
+    0..p0-1 in slots 0..p0-1 with slots p0..p0+S-1 empty (S = chunk length, p0 + S short of the scratch slot)."""
     seq = positions.shape[1]
-    start = int(positions[0, 0])
-    if start < 0 or start + seq >= slot_pos.shape[1]:  # padding, or no room before the scratch slot
+    start = int(positions[:, 0].max())
+    if start < 0 or start + seq >= slot_pos.shape[1]:  # nothing to attend, or no room before the scratch slot
         return None
     steps = torch.arange(start + seq, device=positions.device)
-    ok = (positions == steps[start:]).all()
+    real = positions >= 0
+    rows = real[:, :1]  # rows with tokens start with one
+    ok = (positions == torch.where(real, steps[start:], -1)).all() & (real[:, 1:] <= real[:, :-1]).all()
+    ok &= ((slot_pos[:, start:start + seq] < 0) | ~rows).all()
     if start:
-        ok &= (slot_pos[:, :start] == steps[:start]).all()
+        ok &= ((slot_pos[:, :start] == steps[:start]) | ~rows).all()
     return start if bool(ok) else None
 
 
 def causal_prefill(q: Tensor, k: Tensor, v: Tensor, k_cache: Tensor, v_cache: Tensor, slot_pos: Tensor,
                    positions: Tensor, start: int, scale: float) -> Tensor:
-    """Write the chunk, then causal attention of `q` [B, Hq, S, D] over cache slots 0..start+S-1."""
+    """Write the chunk, then causal attention of `q` [B, Hq, S, D] over cache slots 0..start+S-1 (padding
+    queries get zeros)."""
     write_cache(k_cache, v_cache, slot_pos, k, v, positions, 0, 0)
     seq, end = q.shape[2], start + q.shape[2]
     keys, values = k_cache[:, :, :end].to(q.dtype), v_cache[:, :, :end].to(q.dtype)
     mask = causal_lower_right(seq, end) if start else None
     out = torch.nn.functional.scaled_dot_product_attention(q, keys, values, attn_mask=mask, is_causal=not start,
                                                            scale=scale, enable_gqa=q.shape[1] != k.shape[1])
-    return out.contiguous()
+    return torch.where((positions >= 0)[:, None, :, None], out, 0.0).contiguous()
 
 
 def attend_in_blocks(q: Tensor, q_sink: Optional[Tensor], keys: Tensor, values: Tensor, key_pos: Tensor,

@@ -60,7 +60,7 @@ def topk_slots(scores: Tensor, k: int, scratch: int) -> Tensor:
     """
     n = scores.shape[-1]
     take = min(k, n)
-    bits = scores.float().contiguous().view(torch.int32)
+    bits = (scores.float() + 0.0).contiguous().view(torch.int32)  # + 0.0: -0.0 becomes 0.0, an equal score
     ordered = (bits ^ ((bits >> 31) & 0x7FFFFFFF)).long()
     top = ((ordered << 32) | (_LOW - torch.arange(n, device=scores.device))).topk(take, dim=-1).values
     idx = torch.where((top >> 32) > _NEG_INF_KEY, _LOW - (top & 0xFFFFFFFF), scratch)

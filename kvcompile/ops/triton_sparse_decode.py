@@ -246,7 +246,7 @@ def sparse_decode_step(q, q_sink, k, v, k_cache, v_cache, slot_pos, positions, i
 def select_decode_step(q, q_sink, k, v, k_cache, v_cache, slot_pos, positions, sink_tokens, window_tokens, scale,
                        num_selected):
     """`cached_attention_select` on the kernels: full attention that also keeps every score, the group's
-    attention mass per slot from the scores and each head's log-sum-exp, then the Triton top-k."""
+    attention mass per slot from the scores and each head's log-sum-exp, then `topk_slots`."""
     from kvcompile.ops.cached_attention import visible_keys, write_cache
     from kvcompile.ops.sparse_attention import topk_slots
     out, lse, scores = decode_over_slots(
@@ -263,7 +263,7 @@ def select_decode_step(q, q_sink, k, v, k_cache, v_cache, slot_pos, positions, s
 def tokenselect_step(q, q_fingerprint, k_cache, slot_pos, positions, fingerprints, selected, sink_tokens,
                      window_tokens, init_tokens, local_tokens, top_k, threshold):
     """`tokenselect_indices` with the scores from the kernel (rows that reuse their selection, or read every
-    token, are skipped on the device) and the Triton top-k."""
+    token, are skipped on the device)."""
     from kvcompile.ops.sparse_attention import tokenselect_choice
     B, Hq, _, D = q.shape
     Hkv = k_cache.shape[1]

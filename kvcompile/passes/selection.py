@@ -51,8 +51,7 @@ def cached_attention_node(site: AttentionSite, pass_name: str) -> fx.Node:
     if node is None or node.target != _CACHED_ATTENTION:
         found = "no cache" if node is None else f"'{node.name}' ({node.target})"
         raise PassError(f"{pass_name} rewrites the kvcompile::cached_attention op of a storage pass, but layer "
-                        f"{site.layer} has {found}; combine {pass_name} with a storage pass that keeps every "
-                        "token (dense, streamingllm).")
+                        f"{site.layer} has {found}; combine {pass_name} with dense or streamingllm storage.")
     return node
 
 

@@ -64,9 +64,13 @@ class ZipCache(Pass):
 
     def validate(self) -> None:
         for field in ("high_bits", "low_bits"):
-            if getattr(self, field) not in _WIDTHS:
+            value = getattr(self, field)
+            if isinstance(value, bool) or value not in _WIDTHS:
                 raise PassError(f"ZipCache {field} must be one of {_WIDTHS} (packed widths; 16 keeps the cache "
-                                f"dtype), got {getattr(self, field)!r}.")
+                                f"dtype), got {value!r}.")
+        if self.high_bits < self.low_bits:
+            raise PassError(f"ZipCache high_bits ({self.high_bits}) is for the salient tokens and must be at least "
+                            f"low_bits ({self.low_bits}).")
         if not isinstance(self.saliency_ratio, (int, float)) or not 0 <= self.saliency_ratio <= 1:
             raise PassError(f"ZipCache saliency_ratio is the share of tokens kept at high_bits, in [0, 1]; got "
                             f"{self.saliency_ratio!r}.")
