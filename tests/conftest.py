@@ -23,22 +23,22 @@ def rel_err(a, b):
     return ((a - b).abs().max() / b.abs().max()).item()
 
 
-def _common(**extra):
-    return dict(vocab_size=VOCAB, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
-                max_position_embeddings=512, **extra)
+def _common(layers: int, **extra):
+    return dict(vocab_size=VOCAB, hidden_size=64, intermediate_size=96, num_hidden_layers=layers,
+                num_attention_heads=4, max_position_embeddings=512, **extra)
 
 
-def tiny_hf_model(family: str, attn_implementation: str = "sdpa") -> nn.Module:
-    """A two-layer random model of `family` in float32, eval mode."""
+def tiny_hf_model(family: str, attn_implementation: str = "sdpa", layers: int = 2) -> nn.Module:
+    """A random model of `family` with `layers` layers (two by default) in float32, eval mode."""
     torch.manual_seed(0)
     if family == "llama":
-        model = LlamaForCausalLM(LlamaConfig(**_common(num_key_value_heads=2)))
+        model = LlamaForCausalLM(LlamaConfig(**_common(layers, num_key_value_heads=2)))
     elif family == "mistral":
-        model = MistralForCausalLM(MistralConfig(**_common(num_key_value_heads=2, sliding_window=None)))
+        model = MistralForCausalLM(MistralConfig(**_common(layers, num_key_value_heads=2, sliding_window=None)))
     elif family == "qwen2":
-        model = Qwen2ForCausalLM(Qwen2Config(**_common(num_key_value_heads=1)))
+        model = Qwen2ForCausalLM(Qwen2Config(**_common(layers, num_key_value_heads=1)))
     elif family == "gpt_neox":
-        model = GPTNeoXForCausalLM(GPTNeoXConfig(**_common(rotary_pct=0.5, use_parallel_residual=True)))
+        model = GPTNeoXForCausalLM(GPTNeoXConfig(**_common(layers, rotary_pct=0.5, use_parallel_residual=True)))
     else:
         raise ValueError(family)
     model.config._attn_implementation = attn_implementation

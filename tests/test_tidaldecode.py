@@ -2,10 +2,9 @@
 equivalence when the budget covers the context, batching, compilation and explain()."""
 import pytest
 import torch
-from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
 
 import kvcompile
-from conftest import VOCAB, _common, hf_logits, left_padded_batch, rel_err
+from conftest import VOCAB, hf_logits, left_padded_batch, rel_err, tiny_hf_model
 from kvcompile.errors import PassError
 from kvcompile.passes import TidalDecode
 from kvcompile.passes.tidaldecode import default_selection_layers
@@ -16,20 +15,10 @@ LAYERS = (1, 3)  # layer 0 full, 1 selects, 2 reuses, 3 re-selects, 4 reuses
 BUDGET = 6
 
 
-def deep_model(family="llama", layers=5):
-    """A random model deep enough for full, selection and reusing layers."""
-    torch.manual_seed(0)
-    if family == "llama":
-        model = LlamaForCausalLM(LlamaConfig(**{**_common(num_key_value_heads=2), "num_hidden_layers": layers}))
-    else:
-        model = Qwen2ForCausalLM(Qwen2Config(**{**_common(num_key_value_heads=1), "num_hidden_layers": layers}))
-    model.config._attn_implementation = "sdpa"
-    return model.eval()
-
-
 @pytest.fixture(scope="module")
 def llama():
-    return deep_model("llama")
+    """Deep enough for full, selection and reusing layers."""
+    return tiny_hf_model("llama", layers=5)
 
 
 @pytest.fixture(scope="module")
@@ -53,7 +42,7 @@ def test_teacher_forced_decode_matches_reference(llama, tidal):
 
 
 def test_multi_query_model_matches_reference():
-    model = deep_model("qwen2", layers=4)
+    model = tiny_hf_model("qwen2", layers=4)
     ids = torch.randint(1, VOCAB, (1, 14), generator=torch.Generator().manual_seed(3))
     opt = kvcompile.optimize(model, [TidalDecode(token_budget=5, selection_layers=(1,))], prefill_chunk=1)
     assert rel_err(opt(ids), tidaldecode_logits(model, ids, 5, (1,))) < 1e-4

@@ -6,7 +6,7 @@ import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
 import kvcompile
-from conftest import VOCAB, _common, left_padded_batch, rel_err, tiny_hf_model
+from conftest import VOCAB, left_padded_batch, rel_err, tiny_hf_model
 from kvcompile.errors import KVCompileError, PassError
 from kvcompile.ops import zipcache_attention
 from kvcompile.passes import TidalDecode, TokenSelect, ZipCache
@@ -24,10 +24,7 @@ def llama():
 @pytest.fixture(scope="module")
 def deep():
     """Deep enough for tidaldecode with selection at layer 1: layer 0 reads all, 1 selects, 2 reuses."""
-    torch.manual_seed(0)
-    model = LlamaForCausalLM(LlamaConfig(**{**_common(num_key_value_heads=2), "num_hidden_layers": 3}))
-    model.config._attn_implementation = "sdpa"
-    return model.eval()
+    return tiny_hf_model("llama", layers=3)
 
 
 @pytest.mark.parametrize("bits", [(4, 2), (8, 1)])
