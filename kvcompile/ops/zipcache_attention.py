@@ -153,7 +153,8 @@ def _decode(q: Tensor, k: Tensor, v: Tensor, state: ZipCacheState, slot_pos: Ten
         current = cache_slots(positions, slots, 0, 0)[:, None, :].expand(batch, kv_heads, 1)
         read = torch.cat([indices, current], dim=2)
     chosen = None
-    cached = (slot_pos >= 0) & (slot_pos < positions[:, -1:])  # visible to a selection, the new token excluded
+    # Slots a selection may pick: visible, the new token excluded (computed only for selection reads).
+    cached = (slot_pos >= 0) & (slot_pos < positions[:, -1:]) if num_selected else None
     if _use_kernel(q) and num_selected:  # a full read through the gathered kernel, which also gives the scores
         every = torch.arange(slots, device=q.device).expand(batch, kv_heads, slots).contiguous()
         out, lse, scores = quant_decode_attention_triton(q[:, :, 0], state, slot_pos, positions[:, 0], scale,
