@@ -10,8 +10,9 @@ anywhere. Two pass-1 kernels:
   rows, then of the low rows, then (last split) the buffer — in contiguous tiles, one plane per loop. Packed
   bytes are loaded once and split with joins; codes enter the dots as they are (scale and zero apply per row,
   the channel scales once per program). On the H100 (bf16, batch 8, 8 KV heads, 32 query heads, head 128,
-  32k slots, 4/2 bits, 221 MB of state) it takes 0.29 ms against the slot-walking kernel's 1.55 ms; reading
-  the state once at the 3 TB/s a device copy reaches would take 0.074 ms.
+  32k slots, 4/2 bits, 221 MB of state) it takes 0.29 ms against the slot-walking kernel's 1.55 ms (one-off
+  microbenchmark; `benchmarks/profile_step.py --methods zipcache` shows 0.29 ms per call inside a step);
+  reading the state once at the 3 TB/s a device copy reaches would take 0.074 ms.
 - Gathered read (`_quant_decode_split_kernel`, `indices` given): for each slot the program finds where it
   lives — high plane, low plane (row from the salient bit words and their ranks) or the full-precision buffer —
   loads only those packed bytes and its row's scale and zero, and dequantizes `(code * scale + zero) * channel`.
