@@ -19,7 +19,7 @@ class OptimizedModel(runtime.Runner):
     """A decoder whose attention was rewritten by passes; generates and scores through its own KV cache."""
 
     def __init__(self, model: nn.Module, passes: list[Pass], backend: str, prefill_chunk: int,
-                 max_cache_len: Optional[int], max_batch_size: Optional[int]):
+                 max_cache_len: Optional[int], max_batch_size: Optional[int], fuse_projections: bool):
         self.passes = passes
         self.backend = backend
         self.prefill_chunk = prefill_chunk
@@ -30,7 +30,8 @@ class OptimizedModel(runtime.Runner):
         self.generation_defaults = runtime.generation_defaults(self.generation_config)
         self.model_name = type(model).__name__
         self.state = KVState()
-        self.steps: dict[int, StepGraph] = {n: build_step(model, n, passes, self.state)
+        fused = {} if fuse_projections else None  # one concatenation of each weight group for all steps
+        self.steps: dict[int, StepGraph] = {n: build_step(model, n, passes, self.state, fused)
                                             for n in sorted({1, prefill_chunk})}
         self._lowered = {n: backends.lower(step.module, backend) for n, step in self.steps.items()}
         self.hooks = [hook for hook in (p.runtime_hook(self.state) for p in passes) if hook is not None]
@@ -85,11 +86,13 @@ class OptimizedModel(runtime.Runner):
 
 def optimize(model: nn.Module, passes: Union[list, str, Pass] = ("dense",), backend: str = "eager", *,
              prefill_chunk: int = 128, max_cache_len: Optional[int] = None,
-             max_batch_size: Optional[int] = None) -> OptimizedModel:
+             max_batch_size: Optional[int] = None, fuse_projections: bool = True) -> OptimizedModel:
     """Rewrite `model`'s attention with `passes` and lower it with `backend` ("eager" or "inductor").
 
     Cache sizes are chosen per generate call; `max_cache_len` / `max_batch_size` pin them (for deployment,
-    CUDA graphs and export). The model itself is never modified: on any error nothing has changed.
+    CUDA graphs and export). `fuse_projections` multiplies by small projections of one input (q/k/v) concatenated
+    into one product (faster decode; the concatenation is a copy of those weights while `model` lives). The model itself
+    is never modified: on any error nothing has changed.
     """
     resolved = resolve(list(passes) if isinstance(passes, tuple) else passes)
     backends.validate(backend)
@@ -101,4 +104,5 @@ def optimize(model: nn.Module, passes: Union[list, str, Pass] = ("dense",), back
             raise KVCompileError(f"{name} must be a positive integer or None, got {value!r}.")
     if model.training:
         raise KVCompileError("the model is in training mode; call model.eval() before optimize().")
-    return OptimizedModel(model, resolved, backend, prefill_chunk, max_cache_len, max_batch_size)
+    return OptimizedModel(model, resolved, backend, prefill_chunk, max_cache_len, max_batch_size,
+                          bool(fuse_projections))

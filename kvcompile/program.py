@@ -1,11 +1,14 @@
 """Build a step program: capture -> analyse -> passes -> a clean graph reading/writing shared cache state."""
 from __future__ import annotations
 
+from typing import Optional
+
 import torch
 from torch import fx, nn
 
 from kvcompile.cache import KVState
 from kvcompile.capture import capture_step
+from kvcompile.graph.fuse_linear import fuse_linear_projections
 from kvcompile.graph.rewrite import remove_dead_nodes
 from kvcompile.graph.sites import find_attention_sites
 from kvcompile.passes.base import Pass, StepGraph
@@ -28,8 +31,10 @@ def _plain_graph_module(module: fx.GraphModule) -> fx.GraphModule:
     return fx.GraphModule(module, graph, class_name="StepGraphModule")
 
 
-def build_step(model: nn.Module, seq_len: int, passes: list[Pass], state: KVState) -> StepGraph:
-    """Capture `model` for steps of `seq_len` tokens and apply `passes` to every attention site."""
+def build_step(model: nn.Module, seq_len: int, passes: list[Pass], state: KVState,
+               fused: Optional[dict] = None) -> StepGraph:
+    """Capture `model` for steps of `seq_len` tokens and apply `passes` to every attention site; with a `fused`
+    dict (shared by a program's steps), also fuse the linear projections of one input (q/k/v, gate/up)."""
     module = _plain_graph_module(capture_step(model, seq_len))
     graph = module.graph
     module.add_submodule("kv_state", state)
@@ -40,6 +45,8 @@ def build_step(model: nn.Module, seq_len: int, passes: list[Pass], state: KVStat
     unrewritten = [s.output.name for s in step.sites if s.cache is None]
     if unrewritten:
         raise RuntimeError(f"no storage pass rewrote attention at {unrewritten}")
+    if fused is not None:
+        fuse_linear_projections(module, fused)
     remove_dead_nodes(graph)
     graph.lint()
     module.recompile()
