@@ -107,8 +107,9 @@ if triton is not None:
             vis = (pos >= 0) & (pos <= qp)
             if WINDOWED:
                 vis = vis & (is_sink | (pos > qp - window_tokens))
-            kv_mask = vis[:, None] & d_mask[None, :]
-            k = tl.load(k_base + slot[:, None] * stride_kn, mask=kv_mask, other=0.0)
+            # Keys load without waiting for the positions (a hidden slot's score is dropped below); values,
+            # which a NaN in a hidden slot would spoil through p = 0, only where visible.
+            k = tl.load(k_base + slot[:, None] * stride_kn, mask=in_range[:, None] & d_mask[None, :], other=0.0)
             s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION)
             if HAS_QSINK:
                 s_sink = tl.dot(qs, tl.trans(k), input_precision=DOT_PRECISION)
@@ -125,7 +126,7 @@ if triton is not None:
                 alpha = tl.exp2(m_i - m_shift)
                 p = tl.exp2(s - m_shift[:, None])
                 l_i = l_i * alpha + tl.sum(p, 1)
-                v = tl.load(v_base + slot[:, None] * stride_vn, mask=kv_mask, other=0.0)
+                v = tl.load(v_base + slot[:, None] * stride_vn, mask=vis[:, None] & d_mask[None, :], other=0.0)
                 acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
                 m_i = m_new
 
@@ -235,11 +236,11 @@ def decode_over_slots(q: Tensor, q_sink: Optional[Tensor], k_new: Tensor, v_new:
 def sparse_decode_step(q, q_sink, k, v, k_cache, v_cache, slot_pos, positions, indices, sink_tokens,
                        window_tokens, scale):
     """`sparse_cached_attention` on the kernel: gathered slots + the new token, then the new token is stored."""
-    from kvcompile.ops.cached_attention import write_cache
+    from kvcompile.ops.decode import write_token
     out, _, _ = decode_over_slots(q[:, :, 0], None if q_sink is None else q_sink[:, :, 0], k[:, :, 0], v[:, :, 0],
                                   k_cache, v_cache, slot_pos, positions[:, 0], indices, sink_tokens, window_tokens,
                                   scale)
-    write_cache(k_cache, v_cache, slot_pos, k, v, positions, sink_tokens, window_tokens)
+    write_token(k, v, k_cache, v_cache, slot_pos, positions[:, 0].contiguous(), sink_tokens, window_tokens)
     return out[:, :, None].to(q.dtype)
 
 
@@ -247,7 +248,8 @@ def select_decode_step(q, q_sink, k, v, k_cache, v_cache, slot_pos, positions, s
                        num_selected):
     """`cached_attention_select` on the kernels: full attention that also keeps every score, the group's
     attention mass per slot from the scores and each head's log-sum-exp, then `topk_slots`."""
-    from kvcompile.ops.cached_attention import visible_keys, write_cache
+    from kvcompile.ops.cached_attention import visible_keys
+    from kvcompile.ops.decode import write_token
     from kvcompile.ops.sparse_attention import topk_slots
     out, lse, scores = decode_over_slots(
         q[:, :, 0], None if q_sink is None else q_sink[:, :, 0], k[:, :, 0], v[:, :, 0], k_cache, v_cache,
@@ -256,7 +258,7 @@ def select_decode_step(q, q_sink, k, v, k_cache, v_cache, slot_pos, positions, s
     mass = torch.exp(scores - lse.view(B, Hkv, G, 1)).sum(dim=2)
     visible = visible_keys(positions[:, -1:], slot_pos, sink_tokens, window_tokens)[:, 0]
     indices = topk_slots(mass.masked_fill(~visible[:, None, :], float("-inf")), num_selected, N - 1)
-    write_cache(k_cache, v_cache, slot_pos, k, v, positions, sink_tokens, window_tokens)
+    write_token(k, v, k_cache, v_cache, slot_pos, positions[:, 0].contiguous(), sink_tokens, window_tokens)
     return out[:, :, None].to(q.dtype), indices
 
 
