@@ -1,11 +1,17 @@
-"""Where a kvcompile decode step spends its GPU time: the kernels of one eager step (the same kernels the compiled
-step replays, without Inductor's fusion), by total CUDA time, for each method.
+"""Where a kvcompile decode step spends its GPU time: its kernels by total CUDA time, for each method.
 
     python benchmarks/profile_step.py --methods tidaldecode zipcache --batch 8 --ctx 32768
+    python benchmarks/profile_step.py --backend inductor --methods dense --batch 1
+
+With `--backend eager` (default) the kernels of one eager step (Inductor's fusion left out); with `--backend
+inductor` those of the compiled step, beside the step's CUDA-graph replay time: what the kernels do not
+account for is launch gaps between them. `--gemv` also times the weight products of one layer alone, separate
+and fused (q/k/v and gate/up), as a fraction of the copy bandwidth.
 """
 from __future__ import annotations
 
 import argparse
+import statistics
 import sys
 from pathlib import Path
 
@@ -17,45 +23,102 @@ from torch.profiler import ProfilerActivity, profile  # noqa: E402
 import decode as bench  # noqa: E402
 
 
-def profile_method(model, method: str, batch: int, ctx: int, rows: int) -> None:
+def median_ms(fn, repeats: int = 30) -> float:
+    """Median CUDA-event time of `fn()` over `repeats` calls after 5 warm-up calls."""
+    times = []
+    for i in range(repeats + 5):
+        start, end = bench.event(), bench.event()
+        start.record()
+        fn()
+        end.record()
+        end.synchronize()
+        if i >= 5:
+            times.append(start.elapsed_time(end))
+    return statistics.median(times)
+
+
+def kernel_table(fn, rows: int, title: str) -> float:
+    """Profile one call of `fn`; print its kernels by total time; returns the kernels' total ms."""
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        fn()
+        torch.cuda.synchronize()
+    events = prof.key_averages()
+    total = sum(e.device_time_total for e in events if e.device_time_total) / 1e3
+    launches = sum(e.count for e in events if e.device_time_total)
+    print(f"\n### {title}: {total:.2f} ms of kernels, {launches} kernels", flush=True)
+    print(events.table(sort_by="device_time_total", row_limit=rows, max_name_column_width=70), flush=True)
+    return total
+
+
+def profile_method(model, method: str, batch: int, ctx: int, rows: int, backend: str) -> None:
     import kvcompile
 
-    opt = kvcompile.optimize(model, bench.KVCOMPILE[method], backend="eager", prefill_chunk=1)
+    opt = kvcompile.optimize(model, bench.KVCOMPILE[method], backend=backend, prefill_chunk=1)
     opt.reserve(batch, ctx + 8)
     bench.fill_kvcompile_cache(opt, ctx)
     if "zipcache" in method:
         bench.fill_zipcache(opt, ctx)
     tokens = torch.zeros(batch, 1, dtype=torch.long, device=opt.device)
     pos = torch.full((batch, 1), ctx, dtype=torch.long, device=opt.device)
-    step = opt.steps[1].module
+    title = f"{method}, {backend}, batch {batch}, ctx {ctx}"
     with torch.no_grad():
-        for _ in range(2):
-            step(tokens, pos)
-        torch.cuda.synchronize()
-        with profile(activities=[ProfilerActivity.CUDA]) as prof:
-            step(tokens, pos)
+        if backend == "eager":
+            step = opt.steps[1].module
+            for _ in range(2):
+                step(tokens, pos)
             torch.cuda.synchronize()
-    events = prof.key_averages()
-    total = sum(e.device_time_total for e in events if e.device_time_total) / 1e3
-    print(f"\n### {method}, batch {batch}, ctx {ctx}: {total:.2f} ms of kernels in one eager step", flush=True)
-    print(events.table(sort_by="device_time_total", row_limit=rows, max_name_column_width=70), flush=True)
+            kernel_table(lambda: step(tokens, pos), rows, title)
+        else:
+            lowered = opt._lowered[1]
+            opt.run_step(tokens, pos)  # compile and capture
+            kernels = kernel_table(lambda: lowered.compiled(tokens, pos), rows, title)
+            replay = median_ms(lambda: opt.run_step(tokens, pos))
+            print(f"CUDA-graph replay {replay:.3f} ms; kernels {kernels:.3f} ms; gaps {replay - kernels:.3f} ms",
+                  flush=True)
     for name in opt.state.specs:
         opt.state.register_buffer(name, torch.empty(0, device=opt.device), persistent=False)
-    del opt
-    bench.free_memory()
+    bench.reset_compiled()
+
+
+def gemv_table(model, batches: list[int]) -> None:
+    """One layer's weight products alone: separate vs fused, ms and fraction of the copy bandwidth."""
+    bandwidth = bench.copy_bandwidth(torch.device("cuda"))
+    layer = model.model.layers[0]
+    attn, mlp = layer.self_attn, layer.mlp
+    groups = {"q/k/v": [attn.q_proj, attn.k_proj, attn.v_proj], "o": [attn.o_proj],
+              "gate/up": [mlp.gate_proj, mlp.up_proj], "down": [mlp.down_proj]}
+    print(f"\n### weight products of one layer (copy bandwidth {bandwidth / 1e12:.2f} TB/s)")
+    print("| batch | product | separate ms | fused ms | floor ms |")
+    print("|---|---|---|---|---|")
+    with torch.no_grad():
+        for batch in batches:
+            for name, linears in groups.items():
+                x = torch.randn(batch, linears[0].in_features, device="cuda", dtype=torch.bfloat16)
+                weights = [lin.weight for lin in linears]
+                fused = torch.cat(weights)
+                separate = median_ms(lambda: [torch.nn.functional.linear(x, w) for w in weights])
+                together = median_ms(lambda: torch.nn.functional.linear(x, fused))
+                floor = fused.numel() * fused.element_size() / bandwidth * 1e3
+                print(f"| {batch} | {name} | {separate:.4f} | {together:.4f} | {floor:.4f} |", flush=True)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default="8b", choices=sorted(bench.SHAPES))
-    parser.add_argument("--methods", nargs="+", default=list(bench.KVCOMPILE), choices=list(bench.KVCOMPILE))
-    parser.add_argument("--batch", type=int, default=8)
+    parser.add_argument("--methods", nargs="*", default=list(bench.KVCOMPILE), choices=list(bench.KVCOMPILE))
+    parser.add_argument("--backend", default="eager", choices=["eager", "inductor"])
+    parser.add_argument("--batch", type=int, nargs="+", default=[8])
     parser.add_argument("--ctx", type=int, default=32768)
     parser.add_argument("--rows", type=int, default=18)
+    parser.add_argument("--gemv", action="store_true", help="also time one layer's weight products")
     args = parser.parse_args()
     model = bench.build_model(args.model, torch.device("cuda"))
-    for method in args.methods:
-        profile_method(model, method, args.batch, args.ctx, args.rows)
+    if args.gemv:
+        gemv_table(model, args.batch)
+    for batch in args.batch:
+        for method in args.methods:
+            profile_method(model, method, batch, args.ctx, args.rows, args.backend)
+            bench.free_memory()
 
 
 if __name__ == "__main__":
