@@ -107,9 +107,8 @@ if triton is not None:
             vis = (pos >= 0) & (pos <= qp)
             if WINDOWED:
                 vis = vis & (is_sink | (pos > qp - window_tokens))
-            # Keys load without waiting for the positions (a hidden slot's score is dropped below); values,
-            # which a NaN in a hidden slot would spoil through p = 0, only where visible.
-            k = tl.load(k_base + slot[:, None] * stride_kn, mask=in_range[:, None] & d_mask[None, :], other=0.0)
+            kv_mask = vis[:, None] & d_mask[None, :]
+            k = tl.load(k_base + slot[:, None] * stride_kn, mask=kv_mask, other=0.0)
             s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION)
             if HAS_QSINK:
                 s_sink = tl.dot(qs, tl.trans(k), input_precision=DOT_PRECISION)
@@ -126,7 +125,7 @@ if triton is not None:
                 alpha = tl.exp2(m_i - m_shift)
                 p = tl.exp2(s - m_shift[:, None])
                 l_i = l_i * alpha + tl.sum(p, 1)
-                v = tl.load(v_base + slot[:, None] * stride_vn, mask=vis[:, None] & d_mask[None, :], other=0.0)
+                v = tl.load(v_base + slot[:, None] * stride_vn, mask=kv_mask, other=0.0)
                 acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
                 m_i = m_new
 
