@@ -76,9 +76,9 @@ def _reference(s, indices):
     values = torch.cat([values, s["v_new"][:, :, None]], dim=2)
     key_pos = torch.cat([key_pos, s["q_pos"][:, None, None].expand(-1, Hkv, 1)], dim=2)
     q_sink = None if s["q_sink"] is None else s["q_sink"][:, :, None]
-    out, probs = attend_per_head(s["q"][:, :, None], q_sink, keys, values, key_pos, s["q_pos"][:, None],
-                                 s["sink_tokens"], s["window_tokens"], s["scale"], with_probs=True)
-    return out[:, :, 0], probs[:, :, :, 0]
+    out, probs, lse = attend_per_head(s["q"][:, :, None], q_sink, keys, values, key_pos, s["q_pos"][:, None],
+                                      s["sink_tokens"], s["window_tokens"], s["scale"], with_probs=True)
+    return out[:, :, 0], probs[:, :, :, 0], lse[:, :, 0]
 
 
 def _call(s, indices, **kwargs):
@@ -94,8 +94,9 @@ def test_decode_over_slots_matches_definition(layout, qsink, gather, splits):
     s, gen = _state(layout, qsink=qsink, seed=splits)
     indices = _indices(gen, 2, 2, 40, 20) if gather else None
     out, lse, scores = _call(s, indices, num_splits=splits, with_lse=True, scores=True)
-    ref, probs = _reference(s, indices)
+    ref, probs, ref_lse = _reference(s, indices)
     assert torch.allclose(out, ref, atol=1e-5)
+    assert torch.allclose(lse, ref_lse, atol=1e-5)
     # The kept scores and log-sum-exp give back the definition's probabilities of the cached entries.
     m = scores.shape[-1]
     kept = torch.exp(scores - lse.view(2, 2, 3, 1))

@@ -65,7 +65,8 @@ def attend(q: Tensor, q_sink: Optional[Tensor], keys: Tensor, values: Tensor, ke
     """Masked GQA attention in float32 over explicit keys; queries that see nothing get zeros.
 
     `q` [B, Hq, S, D]; `keys`/`values` [B, Hkv, T, D]; `key_pos` [B, T], or [B, Hkv, T] when each KV head holds
-    different tokens. With `with_probs`, also returns the probabilities [B, Hkv, G, S, T].
+    different tokens. With `with_probs`, also returns the probabilities [B, Hkv, G, S, T] and the natural
+    log-sum-exp of the visible scaled scores [B, Hq, S] (-inf where nothing is visible).
     """
     batch, q_heads, seq, head_dim = q.shape
     kv_heads = keys.shape[1]
@@ -81,10 +82,13 @@ def attend(q: Tensor, q_sink: Optional[Tensor], keys: Tensor, values: Tensor, ke
         is_sink = (per_head_pos < sink_tokens)[:, :, None, None, :]
         scores = torch.where(is_sink, scores_of(q_sink), scores)
     visible = visible_keys(positions, per_head_pos, sink_tokens, window_tokens)[:, :, None]
-    probs = torch.softmax(scores.masked_fill(~visible, float("-inf")), dim=-1).nan_to_num(0.0)
+    masked = scores.masked_fill(~visible, float("-inf"))
+    probs = torch.softmax(masked, dim=-1).nan_to_num(0.0)
     out = probs.view(batch, kv_heads, group * seq, -1) @ values.float()
     out = out.view(batch, q_heads, seq, head_dim).to(q.dtype)
-    return (out, probs) if with_probs else out
+    if not with_probs:
+        return out
+    return out, probs, torch.logsumexp(masked, dim=-1).view(batch, q_heads, seq)
 
 
 @torch.library.custom_op("kvcompile::cached_attention", mutates_args=("k_cache", "v_cache", "slot_pos"))

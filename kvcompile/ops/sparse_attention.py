@@ -122,8 +122,8 @@ def cached_attention_select(q: Tensor, q_sink: Optional[Tensor], k: Tensor, v: T
         return select_decode_step(q, q_sink, k, v, k_cache, v_cache, slot_pos, positions, sink_tokens,
                                   window_tokens, scale, num_selected)
     keys, values, key_pos = _with_new_tokens(k_cache, v_cache, slot_pos, k, v, positions, None)
-    out, probs = attend_per_head(q, q_sink, keys, values, key_pos, positions, sink_tokens, window_tokens, scale,
-                                 with_probs=True)
+    out, probs, _ = attend_per_head(q, q_sink, keys, values, key_pos, positions, sink_tokens, window_tokens,
+                                    scale, with_probs=True)
     n = slot_pos.shape[1]
     visible = visible_keys(positions[:, -1:], slot_pos, sink_tokens, window_tokens)[:, 0]
     indices = select_by_attention(probs[..., :n], visible, num_selected, scratch)

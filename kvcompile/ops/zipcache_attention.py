@@ -121,17 +121,6 @@ def _keep_step(step_query: Tensor, step_lse: Tensor, q: Tensor, lse: Tensor, sca
     step_lse.copy_(lse)
 
 
-def _log_sum_exp(q: Tensor, keys: Tensor, key_pos: Tensor, positions: Tensor, scale: float) -> Tensor:
-    """Log-sum-exp [B, Hq] of the decode query's scaled scores over the visible `keys` [B, Hkv, T, D] at
-    per-head positions `key_pos` [B, Hkv, T] (the definition's counterpart of the kernel's)."""
-    batch, q_heads, _, head_dim = q.shape
-    kv_heads = keys.shape[1]
-    grouped = q[:, :, -1].float().view(batch, kv_heads, -1, head_dim)
-    scores = torch.einsum("bkgd,bknd->bkgn", grouped, keys.float()) * scale
-    visible = visible_keys(positions[:, -1:], key_pos, 0, 0)[:, :, 0, None, :]
-    return torch.logsumexp(scores.masked_fill(~visible, float("-inf")), dim=-1).view(batch, q_heads)
-
-
 def _use_kernel(q: Tensor) -> bool:
     """Decode reads use the Triton kernel for CUDA tensors (unless `decode.reference_attention()` is active);
     elsewhere dequantize-then-attend, the definition."""
@@ -174,10 +163,10 @@ def _decode(q: Tensor, k: Tensor, v: Tensor, state: ZipCacheState, slot_pos: Ten
         else:
             key_pos = slot_positions(slot_pos, read)
             keys, values = gather_slots(keys, read), gather_slots(values, read)
-        out, probs = attend_per_head(q, None, keys, values, key_pos, positions, 0, 0, scale, with_probs=True)
+        out, probs, lse = attend_per_head(q, None, keys, values, key_pos, positions, 0, 0, scale, with_probs=True)
         if num_selected:
             chosen = select_by_attention(probs, cached, num_selected, slots - 1)
-        lse = _log_sum_exp(q, keys, key_pos, positions, scale)
+        lse = lse[:, :, -1]
     _keep_step(*step, q, lse, scale)
     return out, chosen
 
@@ -197,7 +186,7 @@ def _prefill(q: Tensor, k: Tensor, v: Tensor, state: ZipCacheState, slot_pos: Te
     picked = probes.clamp(min=0)
     probe_pos = torch.where(probes >= 0, positions.gather(1, picked), -1)
     probe_q = q.gather(2, picked[:, None, :, None].expand(batch, q.shape[1], -1, head_dim))
-    _, probs = attend_per_head(probe_q, None, keys, values, per_head, probe_pos, 0, 0, scale, with_probs=True)
+    _, probs, _ = attend_per_head(probe_q, None, keys, values, per_head, probe_pos, 0, 0, scale, with_probs=True)
     saliency = normalized_attention_saliency(probs.sum(2), probe_pos, key_pos)
 
     # The block: buffered slots (from `quantized` on) and the real new tokens, in position order.
