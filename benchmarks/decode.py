@@ -351,7 +351,7 @@ def run_kvcompile(model, method: str, batch: int, ctx: int, args, cache: dict) -
     from kvcompile.ops import decode
 
     release_caches(cache)
-    if method not in cache:  # one capture (export) per model and method; sizes change through reserve()
+    if method not in cache:  # each configuration builds its program (earlier ones were dropped, see above)
         t0 = time.perf_counter()
         cache[method] = kvcompile.optimize(model, KVCOMPILE[method], backend=BACKEND, prefill_chunk=1)
         print(f"  export {method}: {time.perf_counter() - t0:.1f}s", flush=True)
@@ -417,10 +417,12 @@ def run_kvcompile(model, method: str, batch: int, ctx: int, args, cache: dict) -
 
 
 def release_caches(optimized: dict):
-    """Free the KV state of every kvcompile program kept for later configurations, and compiled HF graphs."""
+    """Drop the kvcompile programs of earlier configurations, so that neither their KV state nor their fused
+    weights count in this configuration's peak memory."""
     for opt in optimized.values():
         for name in opt.state.specs:
             opt.state.register_buffer(name, torch.empty(0, device=opt.device), persistent=False)
+    optimized.clear()
     free_memory()
     print(f"  GPU memory in use before this configuration: {in_use_bytes() / 1e9:.2f} GB",
           flush=True)

@@ -5,8 +5,7 @@
 
 With `--backend eager` (default) the kernels of one eager step (Inductor's fusion left out); with `--backend
 inductor` those of the compiled step, beside the step's CUDA-graph replay time: what the kernels do not
-account for is launch gaps between them. `--gemv` also times the weight products of one layer alone, separate
-and fused (q/k/v and gate/up), as a fraction of the copy bandwidth.
+account for is host time and launch gaps (the replay is timed with a host synchronisation after each step).
 """
 from __future__ import annotations
 
@@ -80,28 +79,6 @@ def profile_method(model, method: str, batch: int, ctx: int, rows: int, backend:
     bench.reset_compiled()
 
 
-def gemv_table(model, batches: list[int]) -> None:
-    """One layer's weight products alone: separate vs fused, ms and fraction of the copy bandwidth."""
-    bandwidth = bench.copy_bandwidth(torch.device("cuda"))
-    layer = model.model.layers[0]
-    attn, mlp = layer.self_attn, layer.mlp
-    groups = {"q/k/v": [attn.q_proj, attn.k_proj, attn.v_proj], "o": [attn.o_proj],
-              "gate/up": [mlp.gate_proj, mlp.up_proj], "down": [mlp.down_proj]}
-    print(f"\n### weight products of one layer (copy bandwidth {bandwidth / 1e12:.2f} TB/s)")
-    print("| batch | product | separate ms | fused ms | floor ms |")
-    print("|---|---|---|---|---|")
-    with torch.no_grad():
-        for batch in batches:
-            for name, linears in groups.items():
-                x = torch.randn(batch, linears[0].in_features, device="cuda", dtype=torch.bfloat16)
-                weights = [lin.weight for lin in linears]
-                fused = torch.cat(weights)
-                separate = median_ms(lambda: [torch.nn.functional.linear(x, w) for w in weights])
-                together = median_ms(lambda: torch.nn.functional.linear(x, fused))
-                floor = fused.numel() * fused.element_size() / bandwidth * 1e3
-                print(f"| {batch} | {name} | {separate:.4f} | {together:.4f} | {floor:.4f} |", flush=True)
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default="8b", choices=sorted(bench.SHAPES))
@@ -110,11 +87,8 @@ def main() -> None:
     parser.add_argument("--batch", type=int, nargs="+", default=[8])
     parser.add_argument("--ctx", type=int, default=32768)
     parser.add_argument("--rows", type=int, default=18)
-    parser.add_argument("--gemv", action="store_true", help="also time one layer's weight products")
     args = parser.parse_args()
     model = bench.build_model(args.model, torch.device("cuda"))
-    if args.gemv:
-        gemv_table(model, args.batch)
     for batch in args.batch:
         for method in args.methods:
             profile_method(model, method, batch, args.ctx, args.rows, args.backend)

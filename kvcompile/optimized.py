@@ -90,8 +90,9 @@ def optimize(model: nn.Module, passes: Union[list, str, Pass] = ("dense",), back
     """Rewrite `model`'s attention with `passes` and lower it with `backend` ("eager" or "inductor").
 
     Cache sizes are chosen per generate call; `max_cache_len` / `max_batch_size` pin them (for deployment,
-    CUDA graphs and export). `fuse_projections` multiplies by small projections of one input (q/k/v) concatenated
-    into one product (faster decode; the concatenation is a copy of those weights while `model` lives). The model itself
+    CUDA graphs and export). `fuse_projections` computes projections of one input with a small member (q/k/v) as one
+    product over their concatenated weights: faster decode, for a copy of those weights taken now (later in-place
+    changes to `model`'s q/k/v weights do not reach the program; optimize again). The model itself
     is never modified: on any error nothing has changed.
     """
     resolved = resolve(list(passes) if isinstance(passes, tuple) else passes)

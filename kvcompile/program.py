@@ -34,7 +34,8 @@ def _plain_graph_module(module: fx.GraphModule) -> fx.GraphModule:
 def build_step(model: nn.Module, seq_len: int, passes: list[Pass], state: KVState,
                fused: Optional[dict] = None) -> StepGraph:
     """Capture `model` for steps of `seq_len` tokens and apply `passes` to every attention site; with a `fused`
-    dict (shared by a program's steps), also fuse the linear projections of one input (q/k/v, gate/up)."""
+    dict (shared by a program's steps), also fuse the linear projections of one input with a small member
+    (q/k/v; see `kvcompile.graph.fuse_linear`)."""
     module = _plain_graph_module(capture_step(model, seq_len))
     graph = module.graph
     module.add_submodule("kv_state", state)

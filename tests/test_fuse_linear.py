@@ -27,8 +27,22 @@ def test_fused_program_equals_unfused(family):
     assert rel_err(fused(ids), plain(ids)) < 1e-5
     assert torch.equal(fused.generate(ids, max_new_tokens=5, do_sample=False),
                        plain.generate(ids, max_new_tokens=5, do_sample=False))
-    for name, p in model.named_parameters():  # the caller's model keeps its own weights, unchanged
+    after = dict(model.named_parameters())  # the caller's model keeps its own weights, unchanged
+    assert after.keys() == before.keys()
+    for name, p in after.items():
         assert p.data_ptr() == before[name][0] and torch.equal(p, before[name][1])
+
+
+def test_fused_nodes_carry_their_shapes():
+    model = tiny_hf_model("llama")
+    graph = kvcompile.optimize(model, "dense", prefill_chunk=1).steps[1].module.graph
+    fused = [n for n in graph.nodes if n.target == aten.linear.default
+             and n.args[1].target.startswith("fused_projection_")]
+    assert fused
+    for product in fused:
+        width = sum(part.meta["val"].shape[-1] for part in product.users)
+        assert product.meta["val"].shape[-1] == width
+        assert all(part.meta["val"].stride() == product.meta["val"].stride() for part in product.users)
 
 
 def test_steps_share_one_concatenation_and_drop_the_separate_weights():

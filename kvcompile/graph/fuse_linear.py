@@ -2,13 +2,15 @@
 
 A decode step multiplies a few rows by every weight matrix: each product is a read of its weights, and small
 ones (a GQA model's k and v) run far below the copy bandwidth and add a launch, a split-K reduction and a tail.
-One product over the concatenated weights reads the same bytes in one kernel; slices of its output (views) replace
-the separate outputs. On the H100 (Llama-3.1-8B shape, batch 8; `benchmarks/profile_step.py --gemv`) one layer's
-q/k/v products took 0.088 ms apart and 0.043 ms fused; gate/up 0.102 and 0.099 ms: products of large weights
-already run near the bandwidth, so only groups with a small member (< `SMALL_PRODUCT_BYTES`) are fused.
+In the compiled 8B-shape step on the H100 (batch 8, `benchmarks/profile_step.py --backend inductor`) k and v took
+5.8 µs each for 8 MB (48% of the bandwidth) beside q's split-K product and reductions; one product over the
+concatenated weights reads the same bytes in one kernel, and slices of its output (views) replace the separate
+outputs: streamingllm's step went from 7.60 to 7.16 ms. Large products (gate/up, 112 MiB each) already run at
+~92% of the bandwidth, so only groups with a member below `SMALL_PRODUCT_BYTES` are fused.
 
-The concatenated weights are a copy: while the caller's model is alive its own weights stay too (1.5 GB for the
-8B shape's q/k/v). `optimize(..., fuse_projections=False)` keeps the products apart.
+The concatenated weights are a copy made by `optimize()`, a snapshot of the weights at that time: while the
+caller's model is alive its own weights stay too (1.5 GiB for the 8B shape's q/k/v), and changing them in place
+later does not reach the program. `optimize(..., fuse_projections=False)` keeps the products apart.
 """
 from __future__ import annotations
 
@@ -24,11 +26,13 @@ SMALL_PRODUCT_BYTES = 16 << 20  # a weight below this runs far below the copy ba
 
 
 def _parameter(module: fx.GraphModule, node) -> Optional[torch.nn.Parameter]:
-    """The parameter a `get_attr` node reads, else None."""
+    """The plain floating-point parameter a `get_attr` node reads (not a tensor subclass, such as a quantized
+    weight, which concatenation would not keep), else None."""
     if not isinstance(node, fx.Node) or node.op != "get_attr":
         return None
     value = operator.attrgetter(node.target)(module)
-    return value if isinstance(value, torch.nn.Parameter) else None
+    plain = isinstance(value, torch.nn.Parameter) and type(value.data) is torch.Tensor
+    return value if plain and value.is_floating_point() else None
 
 
 def _operands(node: fx.Node) -> Optional[tuple[torch.nn.Parameter, Optional[torch.nn.Parameter]]]:
@@ -47,19 +51,22 @@ def _operands(node: fx.Node) -> Optional[tuple[torch.nn.Parameter, Optional[torc
 def fuse_linear_projections(module: fx.GraphModule, fused: dict[tuple, tuple]) -> int:
     """Replace each group of >= 2 linears reading the same input node, one of them smaller than
     `SMALL_PRODUCT_BYTES`, by one linear over the concatenated weights (and biases, where all have one),
-    registered as `fused_projection_<i>` buffers; returns the number of groups fused.
+    registered as `fused_projection_<i>_weight` (and `_bias`) buffers; returns the number of groups fused.
 
     `fused` maps a tuple of parameter ids to their concatenations, so that the steps of one program share them.
     The parameters no node reads any more are dropped from `module` (the caller's model keeps its own).
     """
     graph = module.graph
     groups: dict[fx.Node, list[fx.Node]] = defaultdict(list)
+    operands_of: dict[fx.Node, tuple] = {}
     for node in graph.nodes:
-        if _operands(node) is not None:
+        operands = _operands(node)
+        if operands is not None:
+            operands_of[node] = operands
             groups[node.args[0]].append(node)
     count = 0
     for linears in groups.values():
-        operands = [_operands(n) for n in linears]
+        operands = [operands_of[n] for n in linears]
         weights = [w for w, _ in operands]
         biases = [b for _, b in operands]
         if len(linears) < 2 or len({(w.dtype, w.device, w.shape[1]) for w in weights}) > 1:
@@ -67,6 +74,8 @@ def fuse_linear_projections(module: fx.GraphModule, fused: dict[tuple, tuple]) -
         if min(w.numel() * w.element_size() for w in weights) >= SMALL_PRODUCT_BYTES:
             continue
         if any(b is None for b in biases) and any(b is not None for b in biases):
+            continue
+        if biases[0] is not None and len({b.dtype for b in biases}) > 1:
             continue
         key = tuple(id(p) for p in weights + biases)
         if key not in fused:
@@ -83,11 +92,14 @@ def fuse_linear_projections(module: fx.GraphModule, fused: dict[tuple, tuple]) -
             if fused_bias is not None:
                 args += (graph.get_attr(f"{name}_bias"),)
             product = graph.call_function(aten.linear.default, args)
+            product.meta["val"] = _fake_product(linears[0].args[0], fused_weight, fused_bias)
             start = 0
             for node, weight in zip(linears, weights):
-                part = graph.call_function(aten.slice.Tensor, (product, -1, start, start + weight.shape[0]))
-                start += weight.shape[0]
-                part.meta["val"] = node.meta.get("val")
+                end = start + weight.shape[0]
+                part = graph.call_function(aten.slice.Tensor, (product, -1, start, end))
+                if product.meta["val"] is not None:
+                    part.meta["val"] = aten.slice.Tensor(product.meta["val"], -1, start, end)
+                start = end
                 node.replace_all_uses_with(part)
         for node in linears:
             reads = node.args[1:]
@@ -98,6 +110,17 @@ def fuse_linear_projections(module: fx.GraphModule, fused: dict[tuple, tuple]) -
     if count:
         _drop_unread_parameters(module)
     return count
+
+
+def _fake_product(x: fx.Node, weight: torch.Tensor, bias: Optional[torch.Tensor]):
+    """The fused product's metadata value, computed on the input's fake tensor (None if it has none)."""
+    x_val = x.meta.get("val") if isinstance(x, fx.Node) else None
+    mode = getattr(x_val, "fake_mode", None)
+    if mode is None:
+        return None
+    with mode:
+        fake_bias = None if bias is None else mode.from_tensor(bias)
+        return aten.linear.default(x_val, mode.from_tensor(weight), fake_bias)
 
 
 def _drop_unread_parameters(module: fx.GraphModule) -> None:

@@ -30,7 +30,7 @@ import torch
 from torch import Tensor
 
 from kvcompile.ops import decode
-from kvcompile.ops.cached_attention import cache_slots, visible_keys
+from kvcompile.ops.cached_attention import cache_slots
 from kvcompile.ops.quantization import (ZipCacheState, dequantize_state, normalized_attention_saliency, probe_count,
                                         probe_queries, quantize_into, salient_allowance, select_salient, state_of)
 from kvcompile.ops.sparse_attention import attend_per_head, gather_slots, select_by_attention, slot_positions
