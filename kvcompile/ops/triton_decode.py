@@ -119,10 +119,11 @@ if triton is not None:
 
     @triton.jit
     def _decode_merge_kernel(
-        WS, OUT, num_splits,
-        D: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_D: tl.constexpr,
+        WS, OUT, LSE, num_splits,
+        D: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_D: tl.constexpr, STORE_LSE: tl.constexpr,
     ):
-        """Merge the split partials of one (batch, query head) row into the output."""
+        """Merge the split partials of one (batch, query head) row into the output; with STORE_LSE also store
+        the row's natural log-sum-exp of the scaled scores (-inf when nothing was visible)."""
         row = tl.program_id(0)
         offs_s = tl.arange(0, BLOCK_S)
         offs_d = tl.arange(0, BLOCK_D)
@@ -137,12 +138,28 @@ if triton is not None:
         l = tl.load(WS + n_rows * (D + 1) + ws_row, mask=s_mask, other=0.0)
 
         m_max = tl.max(m, 0)
-        w = tl.exp2(m - tl.where(m_max == float("-inf"), 0.0, m_max))  # empty splits weigh 0
+        m_ref = tl.where(m_max == float("-inf"), 0.0, m_max)
+        w = tl.exp2(m - m_ref)  # empty splits weigh 0
         l_tot = tl.sum(w * l, 0)
         out = tl.sum(w[:, None] * acc, 0)
         # No visible slot at all leaves acc == 0, so dividing by 1 gives the required zeros.
         out = out / tl.where(l_tot > 0.0, l_tot, 1.0)
         tl.store(OUT + row * D + offs_d, out.to(OUT.dtype.element_ty), mask=d_mask)
+        if STORE_LSE:
+            lse = tl.where(l_tot > 0.0, (m_ref + tl.log2(l_tot)) / 1.4426950408889634, float("-inf"))
+            tl.store(LSE + row, lse)
+
+
+def merge_splits(ws: torch.Tensor, out: torch.Tensor, splits: int, lse: torch.Tensor | None = None) -> None:
+    """Pass 2 of every split-K decode kernel here: combine the partials in `ws` (acc [R, D], then max [R], then
+    sum [R], rows ordered (b, head, split)) into `out` [B, Hq, D], and the log-sum-exp into `lse` [B, Hq] if
+    given."""
+    rows, head_dim = out.shape[0] * out.shape[1], out.shape[2]
+    _decode_merge_kernel[(rows,)](
+        ws, out, lse if lse is not None else ws, splits,
+        D=head_dim, BLOCK_S=triton.next_power_of_2(splits), BLOCK_D=triton.next_power_of_2(head_dim),
+        STORE_LSE=lse is not None, num_warps=4,
+    )
 
 
 @functools.lru_cache(maxsize=None)
@@ -235,9 +252,5 @@ def decode_attention_triton(
         DOT_PRECISION="ieee" if q.dtype == torch.float32 else None,
         num_warps=num_warps, num_stages=num_stages,
     )
-    _decode_merge_kernel[(B * Hq,)](
-        ws, out, splits,
-        D=D, BLOCK_S=triton.next_power_of_2(splits), BLOCK_D=BLOCK_D,
-        num_warps=4,
-    )
+    merge_splits(ws, out, splits)
     return out

@@ -37,7 +37,8 @@ import torch
 from torch import Tensor
 
 from kvcompile.ops.quantization import MixedPrecisionPlanes, ZipCacheState
-from kvcompile.ops.triton_decode import _LOG2E, _MAX_SPLITS, _choose_splits, _num_sms, triton_available
+from kvcompile.ops.triton_decode import (_LOG2E, _MAX_SPLITS, _choose_splits, _num_sms, merge_splits,
+                                         triton_available)
 
 try:
     import triton
@@ -51,7 +52,6 @@ _DENSE_PROGRAMS_PER_SM = 16  # see `_dense_splits`
 
 
 if triton is not None:
-    from kvcompile.ops.triton_decode import _decode_merge_kernel
 
     @triton.jit
     def _popcount31(x):
@@ -407,16 +407,6 @@ def _check_state(q: Tensor, state: ZipCacheState, slot_pos: Tensor, q_pos: Tenso
         raise ValueError("ZipCache state tensors must be contiguous (the kernel reads them in place)")
 
 
-def _log_sum_exp(ws: Tensor, B: int, Hq: int, D: int, splits: int) -> Tensor:
-    """Natural log-sum-exp of the scaled scores of each (row, query head) from the split partials [B, Hq]."""
-    rows = B * Hq * splits
-    m = ws[rows * D: rows * (D + 1)].view(B, Hq, splits)
-    l = ws[rows * (D + 1):].view(B, Hq, splits)
-    m_max = m.amax(-1, keepdim=True)
-    shift = torch.where(m_max == -math.inf, 0.0, m_max)
-    return (shift[..., 0] + torch.log2((l * torch.exp2(m - shift)).sum(-1))) * math.log(2.0)
-
-
 def _results(out: Tensor, lse: Optional[Tensor], scores: Optional[Tensor]):
     """`out`, then the log-sum-exp and the scores where they were asked for."""
     extra = tuple(t for t in (lse, scores) if t is not None)
@@ -489,7 +479,6 @@ def quant_decode_attention_triton(q: Tensor, state: ZipCacheState, slot_pos: Ten
             chunk_len, *rows, scale * _LOG2E, BLOCK_N=BLOCK_N, STORE_SCORES=return_scores, **common,
             num_warps=4, num_stages=2,
         )
-    _decode_merge_kernel[(B * Hq,)](
-        ws, out, splits, D=D, BLOCK_S=triton.next_power_of_2(splits), BLOCK_D=BLOCK_D, num_warps=4,
-    )
-    return _results(out, _log_sum_exp(ws, B, Hq, D, splits) if return_lse else None, scores)
+    lse = torch.empty(B, Hq, device=q.device, dtype=torch.float32) if return_lse else None
+    merge_splits(ws, out, splits, lse)
+    return _results(out, lse, scores)

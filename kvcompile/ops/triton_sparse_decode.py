@@ -22,7 +22,8 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from kvcompile.ops.triton_decode import _LOG2E, _choose_splits, _launch_config, _num_sms, triton_available
+from kvcompile.ops.triton_decode import (_LOG2E, _choose_splits, _launch_config, _num_sms, merge_splits,
+                                         triton_available)
 
 try:
     import triton
@@ -137,32 +138,6 @@ if triton is not None:
             tl.store(WS + n_rows * D + ws_row, m_i, mask=g_mask)
             tl.store(WS + n_rows * (D + 1) + ws_row, l_i, mask=g_mask)
 
-    @triton.jit
-    def _slots_merge_kernel(
-        WS, OUT, LSE, num_splits,
-        D: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_D: tl.constexpr, STORE_LSE: tl.constexpr,
-    ):
-        """Merge the split partials of one (batch, query head) row; optionally store its natural log-sum-exp."""
-        row = tl.program_id(0)
-        offs_s = tl.arange(0, BLOCK_S)
-        offs_d = tl.arange(0, BLOCK_D)
-        s_mask = offs_s < num_splits
-        d_mask = offs_d < D
-        n_rows = tl.num_programs(0) * num_splits
-        ws_row = row * num_splits + offs_s
-        acc = tl.load(WS + ws_row[:, None] * D + offs_d[None, :], mask=s_mask[:, None] & d_mask[None, :], other=0.0)
-        m = tl.load(WS + n_rows * D + ws_row, mask=s_mask, other=float("-inf"))
-        l = tl.load(WS + n_rows * (D + 1) + ws_row, mask=s_mask, other=0.0)
-        m_max = tl.max(m, 0)
-        m_ref = tl.where(m_max == float("-inf"), 0.0, m_max)
-        w = tl.exp2(m - m_ref)
-        l_tot = tl.sum(w * l, 0)
-        out = tl.sum(w[:, None] * acc, 0) / tl.where(l_tot > 0.0, l_tot, 1.0)
-        tl.store(OUT + row * D + offs_d, out.to(OUT.dtype.element_ty), mask=d_mask)
-        if STORE_LSE:
-            lse = tl.where(l_tot > 0.0, (m_ref + tl.log2(l_tot)) / 1.4426950408889634, float("-inf"))
-            tl.store(LSE + row, lse)
-
 
 def _require_triton() -> None:
     if triton is None:
@@ -224,10 +199,7 @@ def decode_over_slots(q: Tensor, q_sink: Optional[Tensor], k_new: Tensor, v_new:
         num_warps=num_warps, num_stages=num_stages,
     )
     if compute_out:
-        _slots_merge_kernel[(B * Hq,)](
-            ws, out, lse if lse is not None else ws, splits,
-            D=D, BLOCK_S=triton.next_power_of_2(splits), BLOCK_D=BLOCK_D, STORE_LSE=with_lse, num_warps=4,
-        )
+        merge_splits(ws, out, splits, lse)
     return out, lse, sc
 
 
