@@ -40,6 +40,45 @@ def triton_available() -> bool:
 if triton is not None:
 
     @triton.jit
+    def _query_group(Q, b, kvh, stride_qb, stride_qh, stride_qd,
+                     G: tl.constexpr, D: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_D: tl.constexpr):
+        """The G query heads of KV head `kvh` in row `b` as [BLOCK_G, BLOCK_D] (zeros past G and D), with their
+        head numbers, the head-dim offsets and the masks: `(q, heads, offs_d, g_mask, d_mask, q_mask)`. The
+        prologue of every split-K decode kernel here."""
+        offs_g = tl.arange(0, BLOCK_G)
+        offs_d = tl.arange(0, BLOCK_D)
+        heads = kvh * G + offs_g
+        g_mask = offs_g < G
+        d_mask = offs_d < D  # BLOCK_D is D rounded up to a power of two
+        q_mask = g_mask[:, None] & d_mask[None, :]
+        q = tl.load(Q + b * stride_qb + heads[:, None] * stride_qh + offs_d[None, :] * stride_qd,
+                    mask=q_mask, other=0.0)
+        return q, heads, offs_d, g_mask, d_mask, q_mask
+
+    @triton.jit
+    def _softmax_step(s, m_i, l_i):
+        """Fold log2 scores `s` [BLOCK_G, BLOCK_N] (-inf where hidden) into the running max and sum: returns
+        them, the probabilities and the factor that rescales the accumulator."""
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        # While nothing is visible the max is -inf; shifting by 0 keeps exp2 at 0 instead of NaN.
+        m_shift = tl.where(m_new == float("-inf"), 0.0, m_new)
+        alpha = tl.exp2(m_i - m_shift)
+        p = tl.exp2(s - m_shift[:, None])
+        return m_new, l_i * alpha + tl.sum(p, 1), p, alpha
+
+    @triton.jit
+    def _store_partials(WS, acc, m_i, l_i, b, heads, split, offs_d, q_mask, g_mask, G: tl.constexpr,
+                        D: tl.constexpr):
+        """A program's partials in the workspace `merge_splits` reads: acc [R, D], then max [R], then sum [R],
+        for R = B * Hq * splits rows ordered (b, head, split)."""
+        num_splits = tl.num_programs(2)
+        n_rows = tl.num_programs(0) * tl.num_programs(1) * G * num_splits
+        ws_row = (b * (tl.num_programs(1) * G) + heads) * num_splits + split
+        tl.store(WS + ws_row[:, None] * D + offs_d[None, :], acc, mask=q_mask)
+        tl.store(WS + n_rows * D + ws_row, m_i, mask=g_mask)
+        tl.store(WS + n_rows * (D + 1) + ws_row, l_i, mask=g_mask)
+
+    @triton.jit
     def _decode_split_kernel(
         Q, QS, K, V, POS, QPOS, WS,
         stride_qb, stride_qh, stride_qd,
@@ -58,15 +97,8 @@ if triton is not None:
         kvh = tl.program_id(1).to(tl.int64)
         split = tl.program_id(2)
 
-        offs_g = tl.arange(0, BLOCK_G)
-        offs_d = tl.arange(0, BLOCK_D)
-        heads = kvh * G + offs_g
-        g_mask = offs_g < G
-        d_mask = offs_d < D  # BLOCK_D is D rounded up to a power of two
-        q_mask = g_mask[:, None] & d_mask[None, :]
-
-        q = tl.load(Q + b * stride_qb + heads[:, None] * stride_qh + offs_d[None, :] * stride_qd,
-                    mask=q_mask, other=0.0)
+        q, heads, offs_d, g_mask, d_mask, q_mask = _query_group(Q, b, kvh, stride_qb, stride_qh, stride_qd,
+                                                                G, D, BLOCK_G, BLOCK_D)
         if HAS_QSINK:
             qs = tl.load(
                 QS + b * stride_sb + heads[:, None] * stride_sh + offs_d[None, :] * stride_sd,
@@ -95,27 +127,11 @@ if triton is not None:
             if HAS_QSINK:
                 s_sink = tl.dot(qs, tl.trans(k), input_precision=DOT_PRECISION)
                 s = tl.where(is_sink[None, :], s_sink, s)
-            s = tl.where(vis[None, :], s * qk_scale, float("-inf"))
-
-            m_new = tl.maximum(m_i, tl.max(s, 1))
-            # While nothing is visible the max is -inf; shifting by 0 then keeps exp2 at 0
-            # instead of producing NaN from (-inf) - (-inf).
-            m_shift = tl.where(m_new == float("-inf"), 0.0, m_new)
-            alpha = tl.exp2(m_i - m_shift)
-            p = tl.exp2(s - m_shift[:, None])
-            l_i = l_i * alpha + tl.sum(p, 1)
+            m_i, l_i, p, alpha = _softmax_step(tl.where(vis[None, :], s * qk_scale, float("-inf")), m_i, l_i)
             v = tl.load(v_base + offs_n[:, None] * stride_vn, mask=kv_mask, other=0.0)
             acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
-            m_i = m_new
 
-        # Workspace: acc [R, D], then max [R], then sum [R], for R = B * Hq * splits rows
-        # ordered (b, head, split).
-        num_splits = tl.num_programs(2)
-        n_rows = tl.num_programs(0) * tl.num_programs(1) * G * num_splits
-        ws_row = (b * (tl.num_programs(1) * G) + heads) * num_splits + split
-        tl.store(WS + ws_row[:, None] * D + offs_d[None, :], acc, mask=q_mask)
-        tl.store(WS + n_rows * D + ws_row, m_i, mask=g_mask)
-        tl.store(WS + n_rows * (D + 1) + ws_row, l_i, mask=g_mask)
+        _store_partials(WS, acc, m_i, l_i, b, heads, split, offs_d, q_mask, g_mask, G, D)
 
     @triton.jit
     def _decode_merge_kernel(

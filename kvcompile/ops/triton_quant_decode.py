@@ -52,6 +52,7 @@ _DENSE_PROGRAMS_PER_SM = 16  # see `_dense_splits`
 
 
 if triton is not None:
+    from kvcompile.ops.triton_decode import _query_group, _softmax_step, _store_partials
 
     @triton.jit
     def _popcount31(x):
@@ -98,14 +99,8 @@ if triton is not None:
         split = tl.program_id(2)
         bh = b * tl.num_programs(1) + kvh
 
-        offs_g = tl.arange(0, BLOCK_G)
-        offs_d = tl.arange(0, BLOCK_D)
-        heads = kvh * G + offs_g
-        g_mask = offs_g < G
-        d_mask = offs_d < D
-        q_mask = g_mask[:, None] & d_mask[None, :]
-        q = tl.load(Q + b * stride_qb + heads[:, None] * stride_qh + offs_d[None, :] * stride_qd,
-                    mask=q_mask, other=0.0)
+        q, heads, offs_d, g_mask, d_mask, q_mask = _query_group(Q, b, kvh, stride_qb, stride_qh, stride_qd,
+                                                                G, D, BLOCK_G, BLOCK_D)
         qp = tl.load(QPOS + b)
         quantized = tl.load(QUANT + b)
         k_channel = tl.load(KC + bh * D + offs_d, mask=d_mask, other=0.0)
@@ -152,15 +147,12 @@ if triton is not None:
             s = tl.dot(q, tl.trans(k.to(q.dtype)), input_precision=DOT_PRECISION)
             s = tl.where(vis[None, :], s * qk_scale, float("-inf"))
             if STORE_SCORES:
-                tl.store(SC + (bh * G + offs_g)[:, None] * N + offs_n[None, :], s * 0.6931471805599453,  # ln 2: log2 domain to natural
+                score_rows = b * tl.num_programs(1) * G + heads
+                tl.store(SC + score_rows[:, None] * N + offs_n[None, :],
+                         s * 0.6931471805599453,  # ln 2: log2 domain to natural
                          mask=g_mask[:, None] & in_range[None, :])
 
-            m_new = tl.maximum(m_i, tl.max(s, 1))
-            # While nothing is visible the max is -inf; shifting by 0 keeps exp2 at 0 instead of NaN.
-            m_shift = tl.where(m_new == float("-inf"), 0.0, m_new)
-            alpha = tl.exp2(m_i - m_shift)
-            p = tl.exp2(s - m_shift[:, None])
-            l_i = l_i * alpha + tl.sum(p, 1)
+            m_i, l_i, p, alpha = _softmax_step(s, m_i, l_i)
 
             v = tl.where(is_high[:, None],
                          _plane_rows(VH, VHS, VHZ, bh, b, rows_high, row_high, is_high, offs_d, d_mask,
@@ -169,15 +161,8 @@ if triton is not None:
                                      LOW_BITS, D)) * v_channel[None, :]
             v = tl.where(from_buffer[:, None], tl.load(VB + buf_offs, mask=buf_mask, other=0.0).to(tl.float32), v)
             acc = acc * alpha[:, None] + tl.dot(p.to(q.dtype), v.to(q.dtype), input_precision=DOT_PRECISION)
-            m_i = m_new
 
-        # Workspace as `triton_decode`: acc [R, D], then max [R], then sum [R], rows ordered (b, head, split).
-        num_splits = tl.num_programs(2)
-        n_rows = tl.num_programs(0) * tl.num_programs(1) * G * num_splits
-        ws_row = (b * (tl.num_programs(1) * G) + heads) * num_splits + split
-        tl.store(WS + ws_row[:, None] * D + offs_d[None, :], acc, mask=q_mask)
-        tl.store(WS + n_rows * D + ws_row, m_i, mask=g_mask)
-        tl.store(WS + n_rows * (D + 1) + ws_row, l_i, mask=g_mask)
+        _store_partials(WS, acc, m_i, l_i, b, heads, split, offs_d, q_mask, g_mask, G, D)
 
     @triton.jit
     def _plane_tile(DATA, row, used, BITS: tl.constexpr, W: tl.constexpr, BLOCK_N: tl.constexpr,
@@ -206,17 +191,6 @@ if triton is not None:
                                tl.join(tl.join((x >> 1) & 1, (x >> 5) & 1), tl.join((x >> 3) & 1, x >> 7)))
             tile = tl.reshape(tile, [BLOCK_N, BLOCK_D])
         return tile
-
-    @triton.jit
-    def _softmax_step(s, m_i, l_i):
-        """Fold log2 scores `s` [BLOCK_G, BLOCK_N] (-inf where hidden) into the running max and sum: returns
-        them, the probabilities and the factor that rescales the accumulator."""
-        m_new = tl.maximum(m_i, tl.max(s, 1))
-        # While nothing is visible the max is -inf; shifting by 0 keeps exp2 at 0 instead of NaN.
-        m_shift = tl.where(m_new == float("-inf"), 0.0, m_new)
-        alpha = tl.exp2(m_i - m_shift)
-        p = tl.exp2(s - m_shift[:, None])
-        return m_new, l_i * alpha + tl.sum(p, 1), p, alpha
 
     @triton.jit
     def _as_operand(tile, q, OFFSET: tl.constexpr):
@@ -283,14 +257,8 @@ if triton is not None:
         num_splits = tl.num_programs(2)
         bh = b * tl.num_programs(1) + kvh
 
-        offs_g = tl.arange(0, BLOCK_G)
-        offs_d = tl.arange(0, BLOCK_D)
-        heads = kvh * G + offs_g
-        g_mask = offs_g < G
-        d_mask = offs_d < D
-        q_mask = g_mask[:, None] & d_mask[None, :]
-        q = tl.load(Q + b * stride_qb + heads[:, None] * stride_qh + offs_d[None, :] * stride_qd,
-                    mask=q_mask, other=0.0)
+        q, heads, offs_d, g_mask, d_mask, q_mask = _query_group(Q, b, kvh, stride_qb, stride_qh, stride_qd,
+                                                                G, D, BLOCK_G, BLOCK_D)
         qp = tl.load(QPOS + b)
         quantized = tl.load(QUANT + b).to(tl.int32)
         # Salient (high) rows: the last word's rank plus its bits. Its sign bit would be slot 32 * num_words - 1,
@@ -341,12 +309,7 @@ if triton is not None:
             v = tl.load(vb + row[:, None] * D + offs_d[None, :], mask=kv_mask, other=0.0)
             acc = acc * alpha[:, None] + tl.dot(p.to(q.dtype), v, input_precision=DOT_PRECISION)
 
-        # Workspace as `triton_decode`: acc [R, D], then max [R], then sum [R], rows ordered (b, head, split).
-        n_rows = tl.num_programs(0) * tl.num_programs(1) * G * num_splits
-        ws_row = (b * (tl.num_programs(1) * G) + heads) * num_splits + split
-        tl.store(WS + ws_row[:, None] * D + offs_d[None, :], acc, mask=q_mask)
-        tl.store(WS + n_rows * D + ws_row, m_i, mask=g_mask)
-        tl.store(WS + n_rows * (D + 1) + ws_row, l_i, mask=g_mask)
+        _store_partials(WS, acc, m_i, l_i, b, heads, split, offs_d, q_mask, g_mask, G, D)
 
 
 def _block_slots(block_d: int) -> int:

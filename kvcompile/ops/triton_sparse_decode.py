@@ -36,6 +36,7 @@ __all__ = ["decode_over_slots", "select_decode_step", "sparse_decode_step", "tok
 
 
 if triton is not None:
+    from kvcompile.ops.triton_decode import _query_group, _softmax_step, _store_partials
 
     @triton.jit
     def _slots_split_kernel(
@@ -62,14 +63,8 @@ if triton is not None:
             if tl.load(SKIP + b) != 0:
                 return
 
-        offs_g = tl.arange(0, BLOCK_G)
-        offs_d = tl.arange(0, BLOCK_D)
-        heads = kvh * G + offs_g
-        g_mask = offs_g < G
-        d_mask = offs_d < D
-        q_mask = g_mask[:, None] & d_mask[None, :]
-        q = tl.load(Q + b * stride_qb + heads[:, None] * stride_qh + offs_d[None, :] * stride_qd,
-                    mask=q_mask, other=0.0)
+        q, heads, offs_d, g_mask, d_mask, q_mask = _query_group(Q, b, kvh, stride_qb, stride_qh, stride_qd,
+                                                                G, D, BLOCK_G, BLOCK_D)
         if HAS_QSINK:
             qs = tl.load(QS + b * stride_sb + heads[:, None] * stride_sh + offs_d[None, :] * stride_sd,
                          mask=q_mask, other=0.0)
@@ -120,23 +115,12 @@ if triton is not None:
                          tl.where(vis[None, :], s * score_scale, float("-inf")),
                          mask=g_mask[:, None] & in_range[None, :])
             if COMPUTE_OUT:
-                s = tl.where(vis[None, :], s * qk_scale, float("-inf"))
-                m_new = tl.maximum(m_i, tl.max(s, 1))
-                m_shift = tl.where(m_new == float("-inf"), 0.0, m_new)
-                alpha = tl.exp2(m_i - m_shift)
-                p = tl.exp2(s - m_shift[:, None])
-                l_i = l_i * alpha + tl.sum(p, 1)
+                m_i, l_i, p, alpha = _softmax_step(tl.where(vis[None, :], s * qk_scale, float("-inf")), m_i, l_i)
                 v = tl.load(v_base + slot[:, None] * stride_vn, mask=kv_mask, other=0.0)
                 acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
-                m_i = m_new
 
         if COMPUTE_OUT:
-            num_splits = tl.num_programs(2)
-            n_rows = tl.num_programs(0) * tl.num_programs(1) * G * num_splits
-            ws_row = (b * (tl.num_programs(1) * G) + heads) * num_splits + split
-            tl.store(WS + ws_row[:, None] * D + offs_d[None, :], acc, mask=q_mask)
-            tl.store(WS + n_rows * D + ws_row, m_i, mask=g_mask)
-            tl.store(WS + n_rows * (D + 1) + ws_row, l_i, mask=g_mask)
+            _store_partials(WS, acc, m_i, l_i, b, heads, split, offs_d, q_mask, g_mask, G, D)
 
 
 def _require_triton() -> None:
