@@ -127,21 +127,27 @@ def peak_bytes() -> int:
 def in_use_bytes() -> int:
     return torch.cuda.memory_allocated() if DEVICE.type == "cuda" else 0
 
+def median_ms(fn, repeats: int = 20) -> float:
+    """Median event time of `fn()` in ms over `repeats` calls, each synchronised, after 5 warm-up calls."""
+    times = []
+    for i in range(repeats + 5):
+        start, end = event(), event()
+        start.record()
+        fn()
+        end.record()
+        end.synchronize()
+        if i >= 5:
+            times.append(start.elapsed_time(end))
+    return statistics.median(times)
+
+
 def copy_bandwidth(device) -> float:
     """Device-to-device copy bandwidth in bytes/s (bytes read + written), median of 20 copies of 2 GiB."""
     src = torch.empty(1 << 31, dtype=torch.uint8, device=device).random_()
     dst = torch.empty_like(src)
-    times = []
-    for i in range(25):
-        start, end = event(), event()
-        start.record()
-        dst.copy_(src)
-        end.record()
-        end.synchronize()
-        if i >= 5:
-            times.append(start.elapsed_time(end) * 1e-3)
+    seconds = median_ms(lambda: dst.copy_(src)) * 1e-3
     del src, dst
-    return 2 * (1 << 31) / statistics.median(times)
+    return 2 * (1 << 31) / seconds
 
 
 def free_memory():

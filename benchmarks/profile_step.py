@@ -10,7 +10,6 @@ account for is host time and launch gaps (the replay is timed with a host synchr
 from __future__ import annotations
 
 import argparse
-import statistics
 import sys
 from pathlib import Path
 
@@ -20,20 +19,6 @@ import torch  # noqa: E402
 from torch.profiler import ProfilerActivity, profile  # noqa: E402
 
 import decode as bench  # noqa: E402
-
-
-def median_ms(fn, repeats: int = 30) -> float:
-    """Median CUDA-event time of `fn()` over `repeats` calls after 5 warm-up calls."""
-    times = []
-    for i in range(repeats + 5):
-        start, end = bench.event(), bench.event()
-        start.record()
-        fn()
-        end.record()
-        end.synchronize()
-        if i >= 5:
-            times.append(start.elapsed_time(end))
-    return statistics.median(times)
 
 
 def kernel_table(fn, rows: int, title: str) -> float:
@@ -71,7 +56,7 @@ def profile_method(model, method: str, batch: int, ctx: int, rows: int, backend:
             lowered = opt._lowered[1]
             opt.run_step(tokens, pos)  # compile and capture
             kernels = kernel_table(lambda: lowered.compiled(tokens, pos), rows, title)
-            replay = median_ms(lambda: opt.run_step(tokens, pos))
+            replay = bench.median_ms(lambda: opt.run_step(tokens, pos), repeats=30)
             print(f"CUDA-graph replay {replay:.3f} ms; kernels {kernels:.3f} ms; gaps {replay - kernels:.3f} ms",
                   flush=True)
     for name in opt.state.specs:
