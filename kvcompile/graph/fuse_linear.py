@@ -92,7 +92,7 @@ def fuse_linear_projections(module: fx.GraphModule, fused: dict[tuple, tuple]) -
             if fused_bias is not None:
                 args += (graph.get_attr(f"{name}_bias"),)
             product = graph.call_function(aten.linear.default, args)
-            product.meta["val"] = _fake_product(linears[0].args[0], fused_weight, fused_bias)
+            product.meta["val"] = _fake_product(linears[0].args[0], fused_weight)
             start = 0
             for node, weight in zip(linears, weights):
                 end = start + weight.shape[0]
@@ -112,15 +112,15 @@ def fuse_linear_projections(module: fx.GraphModule, fused: dict[tuple, tuple]) -
     return count
 
 
-def _fake_product(x: fx.Node, weight: torch.Tensor, bias: Optional[torch.Tensor]):
-    """The fused product's metadata value, computed on the input's fake tensor (None if it has none)."""
+def _fake_product(x: fx.Node, weight: torch.Tensor):
+    """The fused product's metadata value, a fake tensor shaped from the input's (None if it has none). Made with
+    `new_empty`, not by running `aten.linear` on fakes: torch 2.11's linear asks a symbolic size for its numel."""
     x_val = x.meta.get("val") if isinstance(x, fx.Node) else None
     mode = getattr(x_val, "fake_mode", None)
     if mode is None:
         return None
     with mode:
-        fake_bias = None if bias is None else mode.from_tensor(bias)
-        return aten.linear.default(x_val, mode.from_tensor(weight), fake_bias)
+        return x_val.new_empty((*x_val.shape[:-1], weight.shape[0]))  # linear keeps its input's dtype
 
 
 def _drop_unread_parameters(module: fx.GraphModule) -> None:
