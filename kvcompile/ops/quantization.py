@@ -35,6 +35,9 @@ import torch
 from torch import Tensor
 
 from kvcompile.cache import resolve_dims
+from kvcompile.ops import decode
+from kvcompile.ops.triton_decode import triton_available
+from kvcompile.ops.triton_quantize import quantize_block_triton
 
 HIGH_BITS = 4
 LOW_BITS = 2
@@ -300,6 +303,13 @@ def salient_allowance(state: ZipCacheState, count: Tensor, saliency_ratio: float
     return total - regular_count(total, saliency_ratio) - _salient_slots(state)
 
 
+def _fused_quantize(keys: Tensor, state: ZipCacheState) -> bool:
+    """Whether `quantize_into` stores the planes with the Triton kernels of `triton_quantize`: for CUDA tensors
+    with packed planes (16-bit planes stay here), unless `decode.reference_attention()` is active."""
+    return (keys.is_cuda and triton_available() and decode.kernels_enabled()
+            and UNQUANTIZED not in (state.keys.high.bits, state.keys.low.bits))
+
+
 def quantize_into(state: ZipCacheState, keys: Tensor, values: Tensor, salient: Tensor, count: Tensor) -> None:
     """Append one block to the planes, in place (ZipCache's prefill and periodic step).
 
@@ -307,28 +317,32 @@ def quantize_into(state: ZipCacheState, keys: Tensor, values: Tensor, salient: T
     [B, Hkv or 1, T] picks their precision and must give every head of a row the same number of salient tokens
     within `free_high_rows` (as `select_salient` does). Channel scales are set by a row's first non-empty block.
     Shapes stay static, nothing syncs with the host, and the work is O(T + slots / 32): a block of zero tokens
-    is a cheap no-op.
+    is a cheap no-op. On CUDA the planes are written by `triton_quantize`'s kernels (same bits, fewer launches).
     """
     batch, heads, seq, _ = keys.shape
     valid = _row_mask(count, seq)
     salient = salient.expand(batch, heads, seq) & valid[:, None]
-    regular = ~salient & valid[:, None]
     high_used = _salient_slots(state)
     for planes, x in ((state.keys, keys), (state.values, values)):
         unset = (planes.channel == 0).all(-1, keepdim=True) & (count > 0)[:, None, None]
         fresh = channel_scales(x, valid, planes.high.bits, planes.low.bits)
         planes.channel.copy_(torch.where(unset, fresh, planes.channel))
-        normalized = x.float() / planes.channel[:, :, None, :]
-        for take, plane, used in ((salient, planes.high, high_used),
-                                  (regular, planes.low, state.quantized - high_used)):
-            rows, _, n = _take_rows(normalized, take)
-            row_valid = _row_mask(n, seq)
-            block = quantize_rows(rows, row_valid, plane.bits, plane.data.dtype)
-            spare = plane.scale.shape[1] - 1
-            target = torch.where(row_valid, used[:, None] + torch.arange(seq, device=keys.device), spare)
-            plane.data.scatter_(2, target[:, None, :, None].expand_as(block.data), block.data)
-            plane.scale.scatter_(1, target, block.scale)
-            plane.zero.scatter_(1, target, block.zero)
+    if _fused_quantize(keys, state):
+        quantize_block_triton(state, keys, values, salient, count, high_used)
+    else:
+        regular = ~salient & valid[:, None]
+        for planes, x in ((state.keys, keys), (state.values, values)):
+            normalized = x.float() / planes.channel[:, :, None, :]
+            for take, plane, used in ((salient, planes.high, high_used),
+                                      (regular, planes.low, state.quantized - high_used)):
+                rows, _, n = _take_rows(normalized, take)
+                row_valid = _row_mask(n, seq)
+                block = quantize_rows(rows, row_valid, plane.bits, plane.data.dtype)
+                spare = plane.scale.shape[1] - 1
+                target = torch.where(row_valid, used[:, None] + torch.arange(seq, device=keys.device), spare)
+                plane.data.scatter_(2, target[:, None, :, None].expand_as(block.data), block.data)
+                plane.scale.scatter_(1, target, block.scale)
+                plane.zero.scatter_(1, target, block.zero)
     # The new slots' bits are clear, so adding each salient bit's value sets it (distinct bits never carry);
     # ranks grow by the new salient slots of the earlier words.
     words = state.salient_words.shape[-1]

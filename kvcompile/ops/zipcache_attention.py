@@ -13,7 +13,7 @@ the last slot is the scratch slot of `kvcompile.ops.cached_attention`.
 - The periodic step (`quantize_buffers`), run between steps by `kvcompile.runtime.periodic.PeriodicQuantization`
   every `streaming_gap` decode steps: each row quantizes what its buffer holds as one block, ranked by the
   attention the last step's query gave the buffered tokens, `exp(q.k - lse)`. Keeping it out of the decode op
-  keeps the decode step small (a CUDA graph replays it every step; the periodic step is hundreds of kernels).
+  keeps the decode step small (a CUDA graph replays it every step; the periodic step has its own graph).
 
 Read variants for read passes (TidalDecode), decode only: `zipcache_attention_select` (full attention that also
 returns the top slots: on CUDA the Triton kernel's gathered read over every slot, which writes the scores too) and

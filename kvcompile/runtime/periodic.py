@@ -5,8 +5,15 @@ decode step by decode step, all rows fill their buffers together. Counting decod
 says when the buffers are full without reading the device: every `streaming_gap` decode steps each layer
 quantizes its buffers (`kvcompile.ops.zipcache_attention.quantize_buffers`). Rows that took padding steps (a
 left-padded prompt fed token by token) quantize the fewer tokens they hold.
+
+The periodic step is hundreds of small kernels per layer, but its shapes are static and it never synchronises
+with the host, so on a GPU it is replayed from a CUDA graph: the first call runs it (loading its kernels), the
+second captures and replays it, later ones replay. A graph is kept per set of cache tensors (a cache
+re-allocated by `reserve` gets a new one).
 """
 from __future__ import annotations
+
+from typing import Optional
 
 import torch
 
@@ -23,6 +30,7 @@ class PeriodicQuantization:
         self.layers = sorted({name.split("_")[0] for name, spec in state.specs.items() if spec.role == "step_lse"},
                              key=lambda layer: int(layer[len("layer"):]))
         self.decoded = 0
+        self.graphs: dict[tuple, Optional[torch.cuda.CUDAGraph]] = {}  # None: ran once, capture next time
 
     def reset(self) -> None:
         """A new sequence: the cache was just emptied."""
@@ -39,9 +47,30 @@ class PeriodicQuantization:
     def quantize(self) -> None:
         """The periodic step, now: every layer's buffered tokens go into its planes."""
         self.decoded = 0
+        layers = [self._layer_tensors(layer) for layer in self.layers]
         with torch.no_grad():
-            for layer in self.layers:
-                tensors = [getattr(self.state, f"{layer}_zipcache_{field}") for field in STATE_FIELDS]
-                quantize_buffers(state_of(tensors, *self.bits), getattr(self.state, f"{layer}_positions"),
-                                 getattr(self.state, f"{layer}_zipcache_step_query"),
-                                 getattr(self.state, f"{layer}_zipcache_step_lse"), self.policy)
+            if not layers or not layers[0][0].is_cuda:
+                self._quantize_layers(layers)
+                return
+            key = tuple(t.data_ptr() for tensors in layers for t in tensors)
+            if key not in self.graphs:  # first call: run it, which also loads its kernels
+                self.graphs[key] = None
+                self._quantize_layers(layers)
+                return
+            if self.graphs[key] is None:
+                graph = torch.cuda.CUDAGraph()
+                with torch.cuda.graph(graph):
+                    self._quantize_layers(layers)
+                self.graphs[key] = graph
+            self.graphs[key].replay()
+
+    def _layer_tensors(self, layer: str) -> list[torch.Tensor]:
+        """A layer's state tensors (`STATE_FIELDS` order), then its positions, step query and log-sum-exp."""
+        names = [f"{layer}_zipcache_{field}" for field in STATE_FIELDS]
+        names += [f"{layer}_positions", f"{layer}_zipcache_step_query", f"{layer}_zipcache_step_lse"]
+        return [getattr(self.state, name) for name in names]
+
+    def _quantize_layers(self, layers: list[list[torch.Tensor]]) -> None:
+        for tensors in layers:
+            fields = len(STATE_FIELDS)
+            quantize_buffers(state_of(tensors[:fields], *self.bits), *tensors[fields:], self.policy)
