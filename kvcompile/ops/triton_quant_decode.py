@@ -10,9 +10,11 @@ anywhere. Two pass-1 kernels:
   rows, then of the low rows, then (last split) the buffer — in contiguous tiles, one plane per loop. Packed
   bytes are loaded once and split with joins; codes enter the dots as they are (scale and zero apply per row,
   the channel scales once per program). On the H100 (bf16, batch 8, 8 KV heads, 32 query heads, head 128,
-  32k slots, 4/2 bits, 221 MB of state) it takes 0.29 ms against the slot-walking kernel's 1.55 ms (one-off
-  microbenchmark; `benchmarks/profile_step.py --methods zipcache` shows 0.29 ms per call inside a step);
-  reading the state once at the 3 TB/s a device copy reaches would take 0.074 ms.
+  32k slots, 4/2 bits, 221 MB of state) it takes 0.27 ms (0.30 before the PTX unpacking of `_ptx_unpack`)
+  against the slot-walking kernel's 1.55 ms (one-off microbenchmarks in CUDA graphs); reading the state once
+  at the 3 TB/s a device copy reaches would take 0.074 ms. The time follows the number of codes, not their
+  bytes (2/2 bits take as long as 4/4): per tile the codes pass through shared memory twice (the pipelined
+  load, then the dot-operand layout), and that per-code work, not the bandwidth, is the limit.
 - Gathered read (`_quant_decode_split_kernel`, `indices` given): for each slot the program finds where it
   lives — high plane, low plane (row from the salient bit words and their ranks) or the full-precision buffer —
   loads only those packed bytes and its row's scale and zero, and dequantizes `(code * scale + zero) * channel`.
@@ -23,14 +25,13 @@ kernel checks this for buffered slots only: it takes every quantized slot to hol
 (true of a ZipCache decode step, where slot = position and the query is the newest token) unless the query is
 padding (q_pos < 0), which sees nothing.
 
-The periodic quantize step stays in PyTorch (`quantization.quantize_into`, run between steps by
-`kvcompile.runtime.periodic`): once every `streaming_gap` (100) steps, but hundreds of small kernels per layer
-(about 270 ms per periodic step for the 8B shape at batch 8 on the H100, 2.7 ms per decode step amortised);
-a fused kernel is the way to cut it.
+The periodic quantize step (`quantization.quantize_into`, run between steps by `kvcompile.runtime.periodic`) writes
+the planes with `kvcompile.ops.triton_quantize` and is replayed from a CUDA graph.
 """
 from __future__ import annotations
 
 import math
+import os
 from typing import Optional
 
 import torch
@@ -165,38 +166,92 @@ if triton is not None:
         _store_partials(WS, acc, m_i, l_i, b, heads, split, offs_d, q_mask, g_mask, G, D)
 
     @triton.jit
-    def _plane_tile(DATA, row, used, BITS: tl.constexpr, W: tl.constexpr, BLOCK_N: tl.constexpr,
-                    BLOCK_D: tl.constexpr):
-        """Rows `row` (int32) of one head's plane (`DATA` at its row 0, `W` elements a row) as [BLOCK_N, BLOCK_D]
-        in head-dim order: the codes (int32), or the stored values of a 16-bit plane; zeros where not `used` and
-        past the head dim. Each packed byte is loaded once (contiguous loads) and split with joins."""
-        if BITS == 16:
-            offs = tl.arange(0, BLOCK_D)
-            tile = tl.load(DATA + row[:, None] * W + offs[None, :], mask=used[:, None] & (offs < W)[None, :],
-                           other=0.0)
-        else:
-            offs = tl.arange(0, BLOCK_D * BITS // 8)
-            x = tl.load(DATA + row[:, None] * W + offs[None, :], mask=used[:, None] & (offs < W)[None, :],
-                        other=0).to(tl.int32)
-            # Code j of a byte is bits [j * BITS, (j + 1) * BITS). A join appends an axis that becomes the lowest
-            # digit of j after the reshape, so codes are joined as (even j, odd j), recursively.
-            if BITS == 8:
-                tile = x
-            elif BITS == 4:
-                tile = tl.join(x & 15, x >> 4)
-            elif BITS == 2:
-                tile = tl.join(tl.join(x & 3, (x >> 4) & 3), tl.join((x >> 2) & 3, x >> 6))
-            else:
-                tile = tl.join(tl.join(tl.join(x & 1, (x >> 4) & 1), tl.join((x >> 2) & 1, (x >> 6) & 1)),
-                               tl.join(tl.join((x >> 1) & 1, (x >> 5) & 1), tl.join((x >> 3) & 1, x >> 7)))
-            tile = tl.reshape(tile, [BLOCK_N, BLOCK_D])
-        return tile
+    def _nibbles_bf16(x):
+        """128 + each nibble of uint8 `x` as bfloat16, (low nibbles, high nibbles), in PTX: a byte permute spreads
+        two bytes over the halves of a 32-bit word and one `lop3` (`(w & 0x000F000F) | 0x43004300`) makes two
+        bfloat16 codes. Outputs narrower than 32 bits come packed two to a register, the first in the low half."""
+        return tl.inline_asm_elementwise(
+            asm="""
+            {
+            .reg .b32 a, b, z;
+            mov.b32 z, 0;
+            prmt.b32 a, $4, z, 0x4140;
+            prmt.b32 b, $4, z, 0x4342;
+            lop3.b32 $0, a, 0x000F000F, 0x43004300, 0xEA;
+            lop3.b32 $1, b, 0x000F000F, 0x43004300, 0xEA;
+            shr.b32 a, a, 4;
+            shr.b32 b, b, 4;
+            lop3.b32 $2, a, 0x000F000F, 0x43004300, 0xEA;
+            lop3.b32 $3, b, 0x000F000F, 0x43004300, 0xEA;
+            }
+            """,
+            constraints="=r,=r,=r,=r,r", args=[x], dtype=(tl.bfloat16, tl.bfloat16), is_pure=True, pack=4)
 
     @triton.jit
-    def _as_operand(tile, q, OFFSET: tl.constexpr):
-        """A plane tile as a dot operand of q's dtype: `OFFSET + code` made by setting the exponent bits (no
-        conversion instructions) where `OFFSET` is 128 (bfloat16) or 1024 (float16), else the codes or 16-bit
-        values converted."""
+    def _crumbs_bf16(x):
+        """128 + each 2-bit code of uint8 `x` as bfloat16, (bits 0-1, 2-3, 4-5, 6-7), as `_nibbles_bf16`."""
+        return tl.inline_asm_elementwise(
+            asm="""
+            {
+            .reg .b32 a, b, u, z;
+            mov.b32 z, 0;
+            prmt.b32 a, $8, z, 0x4140;
+            prmt.b32 b, $8, z, 0x4342;
+            lop3.b32 $0, a, 0x00030003, 0x43004300, 0xEA;
+            lop3.b32 $1, b, 0x00030003, 0x43004300, 0xEA;
+            shr.b32 u, a, 2;
+            lop3.b32 $2, u, 0x00030003, 0x43004300, 0xEA;
+            shr.b32 u, b, 2;
+            lop3.b32 $3, u, 0x00030003, 0x43004300, 0xEA;
+            shr.b32 u, a, 4;
+            lop3.b32 $4, u, 0x00030003, 0x43004300, 0xEA;
+            shr.b32 u, b, 4;
+            lop3.b32 $5, u, 0x00030003, 0x43004300, 0xEA;
+            shr.b32 u, a, 6;
+            lop3.b32 $6, u, 0x00030003, 0x43004300, 0xEA;
+            shr.b32 u, b, 6;
+            lop3.b32 $7, u, 0x00030003, 0x43004300, 0xEA;
+            }
+            """,
+            constraints="=r,=r,=r,=r,=r,=r,=r,=r,r", args=[x],
+            dtype=(tl.bfloat16, tl.bfloat16, tl.bfloat16, tl.bfloat16), is_pure=True, pack=4)
+
+    @triton.jit
+    def _plane_operand(DATA, row, used, q, BITS: tl.constexpr, W: tl.constexpr, OFFSET: tl.constexpr,
+                       PTX: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
+        """Rows `row` (int32) of one head's plane (`DATA` at its row 0, `W` elements a row) as a dot operand of
+        q's dtype [BLOCK_N, BLOCK_D] in head-dim order: `OFFSET + code`, or the stored values of a 16-bit plane;
+        zeros where not `used` and past the head dim. Each packed byte is loaded once (contiguous loads) and
+        split with joins. `OFFSET + code` is made by setting exponent bits, not by conversions: with PTX
+        (bfloat16, 2 or 4 bits, on a GPU) two codes per instruction (`_nibbles_bf16`, `_crumbs_bf16`), else one
+        code at a time where `OFFSET` is 128 (bfloat16) or 1024 (float16); other codes are converted."""
+        if BITS == 16:
+            offs = tl.arange(0, BLOCK_D)
+            return tl.load(DATA + row[:, None] * W + offs[None, :], mask=used[:, None] & (offs < W)[None, :],
+                           other=0.0)
+        offs = tl.arange(0, BLOCK_D * BITS // 8)
+        x = tl.load(DATA + row[:, None] * W + offs[None, :], mask=used[:, None] & (offs < W)[None, :], other=0)
+        # Code j of a byte is bits [j * BITS, (j + 1) * BITS). A join appends an axis that becomes the lowest
+        # digit of j after the reshape, so codes are joined as (even j, odd j), recursively.
+        if PTX:
+            if BITS == 4:
+                low, high = _nibbles_bf16(x)
+                tile = tl.join(low, high)
+            else:
+                c0, c1, c2, c3 = _crumbs_bf16(x)
+                tile = tl.join(tl.join(c0, c2), tl.join(c1, c3))
+            return tl.reshape(tile, [BLOCK_N, BLOCK_D])
+        x = x.to(tl.int32)
+        if BITS == 8:
+            tile = x
+        elif BITS == 4:
+            tile = tl.join(x & 15, x >> 4)
+        elif BITS == 2:
+            tile = tl.join(tl.join(x & 3, (x >> 4) & 3), tl.join((x >> 2) & 3, x >> 6))
+        else:
+            tile = tl.join(tl.join(tl.join(x & 1, (x >> 4) & 1), tl.join((x >> 2) & 1, (x >> 6) & 1)),
+                           tl.join(tl.join((x >> 1) & 1, (x >> 5) & 1), tl.join((x >> 3) & 1, x >> 7)))
+        tile = tl.reshape(tile, [BLOCK_N, BLOCK_D])
         if OFFSET == 128:
             tile = (tile | 0x4300).to(tl.int16).to(tl.bfloat16, bitcast=True)  # 0x4300 is 128.0
         elif OFFSET == 1024:
@@ -207,24 +262,24 @@ if triton is not None:
 
     @triton.jit
     def _plane_pass(q, q_sum, m_i, l_i, acc, KD, KS, KZ, VD, VS, VZ, start, end, qk_scale,
-                    BITS: tl.constexpr, W: tl.constexpr, OFFSET: tl.constexpr, BLOCK_N: tl.constexpr,
-                    BLOCK_D: tl.constexpr, DOT_PRECISION: tl.constexpr):
+                    BITS: tl.constexpr, W: tl.constexpr, OFFSET: tl.constexpr, PTX: tl.constexpr,
+                    BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, DOT_PRECISION: tl.constexpr):
         """Online softmax over rows [start, end) of one head's plane (pointers at its row 0, scales and zeros at
         the batch row's), without the channel scales: `q` carries the key channels and `acc` gets the value
-        channels later. Codes enter the dots as `OFFSET + code` (`_as_operand`); a row's scale and zero apply
+        channels later. Codes enter the dots as `OFFSET + code` (`_plane_operand`); a row's scale and zero apply
         to its score, `q . (code * scale + zero) = scale * (q . (OFFSET + code)) + (zero - OFFSET * scale) *
         sum(q)`, and likewise to its probability weight `w = p * scale` (rounded as the dot sees it)."""
         for r0 in range(start, end, BLOCK_N):
             row = r0 + tl.arange(0, BLOCK_N)
             used = row < end
-            k = _as_operand(_plane_tile(KD, row, used, BITS, W, BLOCK_N, BLOCK_D), q, OFFSET)
+            k = _plane_operand(KD, row, used, q, BITS, W, OFFSET, PTX, BLOCK_N, BLOCK_D)
             s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION)
             if BITS != 16:
                 k_scale = tl.load(KS + row, mask=used, other=0.0).to(tl.float32)
                 k_zero = tl.load(KZ + row, mask=used, other=0.0).to(tl.float32)
                 s = s * k_scale[None, :] + q_sum[:, None] * (k_zero - OFFSET * k_scale)[None, :]
             m_i, l_i, p, alpha = _softmax_step(tl.where(used[None, :], s * qk_scale, float("-inf")), m_i, l_i)
-            v = _as_operand(_plane_tile(VD, row, used, BITS, W, BLOCK_N, BLOCK_D), q, OFFSET)
+            v = _plane_operand(VD, row, used, q, BITS, W, OFFSET, PTX, BLOCK_N, BLOCK_D)
             acc = acc * alpha[:, None]
             if BITS == 16:
                 w = p.to(q.dtype)
@@ -244,7 +299,8 @@ if triton is not None:
         N, rows_high, rows_low, num_words, buffer_rows, qk_scale,
         G: tl.constexpr, D: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr,
         HIGH_BITS: tl.constexpr, LOW_BITS: tl.constexpr, HIGH_W: tl.constexpr, LOW_W: tl.constexpr,
-        HIGH_OFFSET: tl.constexpr, LOW_OFFSET: tl.constexpr, DOT_PRECISION: tl.constexpr,
+        HIGH_OFFSET: tl.constexpr, LOW_OFFSET: tl.constexpr, HIGH_PTX: tl.constexpr, LOW_PTX: tl.constexpr,
+        DOT_PRECISION: tl.constexpr,
     ):
         """Online softmax of the G heads of one KV head over its split's share of the high rows, of the low rows
         and (last split) of the buffer rows, streamed in row order: attention does not depend on the order of
@@ -284,13 +340,13 @@ if triton is not None:
                                     KHS + b * rows_high, KHZ + b * rows_high, VH + bh * rows_high * HIGH_W,
                                     VHS + b * rows_high, VHZ + b * rows_high, split * share,
                                     tl.minimum(split * share + share, n_high), qk_scale,
-                                    HIGH_BITS, HIGH_W, HIGH_OFFSET, BLOCK_N, BLOCK_D, DOT_PRECISION)
+                                    HIGH_BITS, HIGH_W, HIGH_OFFSET, HIGH_PTX, BLOCK_N, BLOCK_D, DOT_PRECISION)
         share = tl.cdiv(tl.cdiv(n_low, num_splits), BLOCK_N) * BLOCK_N
         m_i, l_i, acc = _plane_pass(q_planes, q_sum, m_i, l_i, acc, KL + bh * rows_low * LOW_W,
                                     KLS + b * rows_low, KLZ + b * rows_low, VL + bh * rows_low * LOW_W,
                                     VLS + b * rows_low, VLZ + b * rows_low, split * share,
                                     tl.minimum(split * share + share, n_low), qk_scale,
-                                    LOW_BITS, LOW_W, LOW_OFFSET, BLOCK_N, BLOCK_D, DOT_PRECISION)
+                                    LOW_BITS, LOW_W, LOW_OFFSET, LOW_PTX, BLOCK_N, BLOCK_D, DOT_PRECISION)
         acc = acc * v_channel[None, :]
 
         # Buffer row i holds slot quantized + i: read where that slot exists and is visible.
@@ -336,13 +392,22 @@ def _dense_splits(rows: int, programs_per_split: int, block_n: int, sms: int) ->
 
 
 def _code_offset(dtype: torch.dtype, bits: int) -> int:
-    """The `OFFSET` of `_as_operand` for dots in `dtype` on `bits`-bit codes: 128 for bfloat16 (spacing 1 on
+    """The `OFFSET` of `_plane_operand` for dots in `dtype` on `bits`-bit codes: 128 for bfloat16 (spacing 1 on
     [128, 256), so codes up to 7 bits), 1024 for float16 (spacing 1 on [1024, 2048)); else 0 (convert)."""
     if dtype == torch.bfloat16 and bits < 8:
         return 128
     if dtype == torch.float16 and bits <= 8:
         return 1024
     return 0
+
+
+def _ptx_unpack(q: torch.Tensor, bits: int) -> bool:
+    """Whether the dense read unpacks `bits`-bit codes with `_nibbles_bf16` / `_crumbs_bf16`: bfloat16 on a GPU
+    (not under the Triton interpreter). On the H100 (batch 8, 8 KV heads, 32 query heads, head 128, 32k slots)
+    the dense read took 0.268 ms instead of 0.297 ms at 4/2 bits and 0.289 instead of 0.321 at 4/4, with equal
+    outputs: the read is bound by its per-code work, of which the unpacking is about a tenth."""
+    return (q.is_cuda and q.dtype == torch.bfloat16 and bits in (2, 4)
+            and os.environ.get("TRITON_INTERPRET", "0") != "1")
 
 
 def _planes_args(planes: MixedPrecisionPlanes) -> tuple:
@@ -426,7 +491,8 @@ def quant_decode_attention_triton(q: Tensor, state: ZipCacheState, slot_pos: Ten
             slot_pos, q_pos, ws, *q.stride(), *slot_pos.stride(), N, *rows, scale * _LOG2E,
             BLOCK_N=BLOCK_N, HIGH_W=state.keys.high.data.shape[3], LOW_W=state.keys.low.data.shape[3],
             HIGH_OFFSET=_code_offset(q.dtype, state.keys.high.bits),
-            LOW_OFFSET=_code_offset(q.dtype, state.keys.low.bits), **common,
+            LOW_OFFSET=_code_offset(q.dtype, state.keys.low.bits),
+            HIGH_PTX=_ptx_unpack(q, state.keys.high.bits), LOW_PTX=_ptx_unpack(q, state.keys.low.bits), **common,
             num_warps=4, num_stages=2,
         )
     else:
