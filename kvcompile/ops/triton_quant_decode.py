@@ -7,14 +7,18 @@ anywhere. Two pass-1 kernels:
 
 - Dense read (`_quant_decode_dense_kernel`): attention does not depend on the order of the keys, and a dense
   decode query sees every quantized token, so the program streams the planes themselves — its share of the high
-  rows, then of the low rows, then (last split) the buffer — in contiguous tiles, one plane per loop. Packed
-  bytes are loaded once and split with joins; codes enter the dots as they are (scale and zero apply per row,
-  the channel scales once per program). On the H100 (bf16, batch 8, 8 KV heads, 32 query heads, head 128,
-  32k slots, 4/2 bits, 221 MB of state) it takes 0.27 ms (0.30 before the PTX unpacking of `_ptx_unpack`)
-  against the slot-walking kernel's 1.55 ms (one-off microbenchmarks in CUDA graphs); reading the state once
-  at the 3 TB/s a device copy reaches would take 0.074 ms. The time follows the number of codes, not their
-  bytes (2/2 bits take as long as 4/4): per tile the codes pass through shared memory twice (the pipelined
-  load, then the dot-operand layout), and that per-code work, not the bandwidth, is the limit.
+  rows, then of the low rows, then (last split) the buffer — in contiguous tiles, one plane per loop. Codes enter
+  the dots as they are (scale and zero apply per row, the channel scales once per program). For 2- and 4-bit
+  planes (`_split_plane_pass`) the tile of packed bytes is not unpacked into head-dim order at all: code j of
+  byte i is head dim `PER * i + j` (`PER = 8 // bits`), so q and the accumulator are split by head dim modulo
+  PER once per pass and each code position gets its own dot, its codes made elementwise from the loaded bytes
+  (on the GPU in PTX, two codes per instruction). On the H100 (bf16, batch 8, 8 KV heads, 32 query heads,
+  head 128, 32k slots, 4/2 bits, 221 MB of state) one read takes 0.231 ms, against 0.273 ms when the bytes were
+  split with joins into head-dim order and 1.55 ms for the slot-walking kernel (one-off microbenchmarks in CUDA
+  graphs); reading the state once at the 3 TB/s a device copy reaches would take 0.074 ms. The time follows the
+  number of codes more than their bytes (2/2 bits 0.227 ms, 4/4 bits 0.253 ms): per-code work, not bandwidth,
+  is the limit. Other bit widths (and heads too narrow for a dot per code position) take `_plane_pass`, which
+  splits the bytes with joins.
 - Gathered read (`_quant_decode_split_kernel`, `indices` given): for each slot the program finds where it
   lives — high plane, low plane (row from the salient bit words and their ranks) or the full-precision buffer —
   loads only those packed bytes and its row's scale and zero, and dequantizes `(code * scale + zero) * channel`.
@@ -166,65 +170,13 @@ if triton is not None:
         _store_partials(WS, acc, m_i, l_i, b, heads, split, offs_d, q_mask, g_mask, G, D)
 
     @triton.jit
-    def _nibbles_bf16(x):
-        """128 + each nibble of uint8 `x` as bfloat16, (low nibbles, high nibbles), in PTX: a byte permute spreads
-        two bytes over the halves of a 32-bit word and one `lop3` (`(w & 0x000F000F) | 0x43004300`) makes two
-        bfloat16 codes. Outputs narrower than 32 bits come packed two to a register, the first in the low half."""
-        return tl.inline_asm_elementwise(
-            asm="""
-            {
-            .reg .b32 a, b, z;
-            mov.b32 z, 0;
-            prmt.b32 a, $4, z, 0x4140;
-            prmt.b32 b, $4, z, 0x4342;
-            lop3.b32 $0, a, 0x000F000F, 0x43004300, 0xEA;
-            lop3.b32 $1, b, 0x000F000F, 0x43004300, 0xEA;
-            shr.b32 a, a, 4;
-            shr.b32 b, b, 4;
-            lop3.b32 $2, a, 0x000F000F, 0x43004300, 0xEA;
-            lop3.b32 $3, b, 0x000F000F, 0x43004300, 0xEA;
-            }
-            """,
-            constraints="=r,=r,=r,=r,r", args=[x], dtype=(tl.bfloat16, tl.bfloat16), is_pure=True, pack=4)
-
-    @triton.jit
-    def _crumbs_bf16(x):
-        """128 + each 2-bit code of uint8 `x` as bfloat16, (bits 0-1, 2-3, 4-5, 6-7), as `_nibbles_bf16`."""
-        return tl.inline_asm_elementwise(
-            asm="""
-            {
-            .reg .b32 a, b, u, z;
-            mov.b32 z, 0;
-            prmt.b32 a, $8, z, 0x4140;
-            prmt.b32 b, $8, z, 0x4342;
-            lop3.b32 $0, a, 0x00030003, 0x43004300, 0xEA;
-            lop3.b32 $1, b, 0x00030003, 0x43004300, 0xEA;
-            shr.b32 u, a, 2;
-            lop3.b32 $2, u, 0x00030003, 0x43004300, 0xEA;
-            shr.b32 u, b, 2;
-            lop3.b32 $3, u, 0x00030003, 0x43004300, 0xEA;
-            shr.b32 u, a, 4;
-            lop3.b32 $4, u, 0x00030003, 0x43004300, 0xEA;
-            shr.b32 u, b, 4;
-            lop3.b32 $5, u, 0x00030003, 0x43004300, 0xEA;
-            shr.b32 u, a, 6;
-            lop3.b32 $6, u, 0x00030003, 0x43004300, 0xEA;
-            shr.b32 u, b, 6;
-            lop3.b32 $7, u, 0x00030003, 0x43004300, 0xEA;
-            }
-            """,
-            constraints="=r,=r,=r,=r,=r,=r,=r,=r,r", args=[x],
-            dtype=(tl.bfloat16, tl.bfloat16, tl.bfloat16, tl.bfloat16), is_pure=True, pack=4)
-
-    @triton.jit
     def _plane_operand(DATA, row, used, q, BITS: tl.constexpr, W: tl.constexpr, OFFSET: tl.constexpr,
-                       PTX: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
+                       BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
         """Rows `row` (int32) of one head's plane (`DATA` at its row 0, `W` elements a row) as a dot operand of
         q's dtype [BLOCK_N, BLOCK_D] in head-dim order: `OFFSET + code`, or the stored values of a 16-bit plane;
         zeros where not `used` and past the head dim. Each packed byte is loaded once (contiguous loads) and
-        split with joins. `OFFSET + code` is made by setting exponent bits, not by conversions: with PTX
-        (bfloat16, 2 or 4 bits, on a GPU) two codes per instruction (`_nibbles_bf16`, `_crumbs_bf16`), else one
-        code at a time where `OFFSET` is 128 (bfloat16) or 1024 (float16); other codes are converted."""
+        split with joins; `OFFSET + code` is made by setting exponent bits where `OFFSET` is 128 (bfloat16) or
+        1024 (float16), else converted."""
         if BITS == 16:
             offs = tl.arange(0, BLOCK_D)
             return tl.load(DATA + row[:, None] * W + offs[None, :], mask=used[:, None] & (offs < W)[None, :],
@@ -233,14 +185,6 @@ if triton is not None:
         x = tl.load(DATA + row[:, None] * W + offs[None, :], mask=used[:, None] & (offs < W)[None, :], other=0)
         # Code j of a byte is bits [j * BITS, (j + 1) * BITS). A join appends an axis that becomes the lowest
         # digit of j after the reshape, so codes are joined as (even j, odd j), recursively.
-        if PTX:
-            if BITS == 4:
-                low, high = _nibbles_bf16(x)
-                tile = tl.join(low, high)
-            else:
-                c0, c1, c2, c3 = _crumbs_bf16(x)
-                tile = tl.join(tl.join(c0, c2), tl.join(c1, c3))
-            return tl.reshape(tile, [BLOCK_N, BLOCK_D])
         x = x.to(tl.int32)
         if BITS == 8:
             tile = x
@@ -262,8 +206,8 @@ if triton is not None:
 
     @triton.jit
     def _plane_pass(q, q_sum, m_i, l_i, acc, KD, KS, KZ, VD, VS, VZ, start, end, qk_scale,
-                    BITS: tl.constexpr, W: tl.constexpr, OFFSET: tl.constexpr, PTX: tl.constexpr,
-                    BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, DOT_PRECISION: tl.constexpr):
+                    BITS: tl.constexpr, W: tl.constexpr, OFFSET: tl.constexpr, BLOCK_N: tl.constexpr,
+                    BLOCK_D: tl.constexpr, DOT_PRECISION: tl.constexpr):
         """Online softmax over rows [start, end) of one head's plane (pointers at its row 0, scales and zeros at
         the batch row's), without the channel scales: `q` carries the key channels and `acc` gets the value
         channels later. Codes enter the dots as `OFFSET + code` (`_plane_operand`); a row's scale and zero apply
@@ -272,14 +216,14 @@ if triton is not None:
         for r0 in range(start, end, BLOCK_N):
             row = r0 + tl.arange(0, BLOCK_N)
             used = row < end
-            k = _plane_operand(KD, row, used, q, BITS, W, OFFSET, PTX, BLOCK_N, BLOCK_D)
+            k = _plane_operand(KD, row, used, q, BITS, W, OFFSET, BLOCK_N, BLOCK_D)
             s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION)
             if BITS != 16:
                 k_scale = tl.load(KS + row, mask=used, other=0.0).to(tl.float32)
                 k_zero = tl.load(KZ + row, mask=used, other=0.0).to(tl.float32)
                 s = s * k_scale[None, :] + q_sum[:, None] * (k_zero - OFFSET * k_scale)[None, :]
             m_i, l_i, p, alpha = _softmax_step(tl.where(used[None, :], s * qk_scale, float("-inf")), m_i, l_i)
-            v = _plane_operand(VD, row, used, q, BITS, W, OFFSET, PTX, BLOCK_N, BLOCK_D)
+            v = _plane_operand(VD, row, used, q, BITS, W, OFFSET, BLOCK_N, BLOCK_D)
             acc = acc * alpha[:, None]
             if BITS == 16:
                 w = p.to(q.dtype)
@@ -291,6 +235,129 @@ if triton is not None:
             acc += tl.dot(w, v, input_precision=DOT_PRECISION)
         return m_i, l_i, acc
 
+    # PTX for `_codes`: a byte permute spreads two bytes of uint8 `x` over the halves of a 32-bit word, and one
+    # `lop3` ((w >> shift) & mask | 0x43004300) makes two bfloat16 `128 + code`. Outputs narrower than 32 bits
+    # come packed two to a register, the first in the low half; `shift` is a tensor (an asm operand).
+    @triton.jit
+    def _nibble_at(x, shift):
+        """128 + the 4-bit code at bit `shift` of each byte of `x`, as bfloat16 (PTX)."""
+        return tl.inline_asm_elementwise(
+            asm="""
+            {
+            .reg .b32 a, b, z;
+            mov.b32 z, 0;
+            prmt.b32 a, $2, z, 0x4140;
+            prmt.b32 b, $2, z, 0x4342;
+            shr.b32 a, a, $3;
+            shr.b32 b, b, $3;
+            lop3.b32 $0, a, 0x000F000F, 0x43004300, 0xEA;
+            lop3.b32 $1, b, 0x000F000F, 0x43004300, 0xEA;
+            }
+            """,
+            constraints="=r,=r,r,r,r,r,r", args=[x, shift], dtype=tl.bfloat16, is_pure=True, pack=4)
+
+    @triton.jit
+    def _crumb_at(x, shift):
+        """128 + the 2-bit code at bit `shift` of each byte of `x`, as bfloat16 (PTX)."""
+        return tl.inline_asm_elementwise(
+            asm="""
+            {
+            .reg .b32 a, b, z;
+            mov.b32 z, 0;
+            prmt.b32 a, $2, z, 0x4140;
+            prmt.b32 b, $2, z, 0x4342;
+            shr.b32 a, a, $3;
+            shr.b32 b, b, $3;
+            lop3.b32 $0, a, 0x00030003, 0x43004300, 0xEA;
+            lop3.b32 $1, b, 0x00030003, 0x43004300, 0xEA;
+            }
+            """,
+            constraints="=r,=r,r,r,r,r,r", args=[x, shift], dtype=tl.bfloat16, is_pure=True, pack=4)
+
+    @triton.jit
+    def _codes(raw, SHIFT: tl.constexpr, BITS: tl.constexpr, OFFSET: tl.constexpr, dtype: tl.constexpr,
+               PTX: tl.constexpr):
+        """`OFFSET + code` of the `BITS`-bit code at bit `SHIFT` of every byte of uint8 `raw`, in `dtype`: with PTX
+        (bfloat16 on a GPU) two codes per instruction, else made by setting exponent bits where `OFFSET` is 128
+        (bfloat16) or 1024 (float16), or converted."""
+        if PTX:
+            shift = tl.full(raw.shape, SHIFT, tl.int32)
+            if BITS == 4:
+                return _nibble_at(raw, shift)
+            else:
+                return _crumb_at(raw, shift)
+        c = (raw.to(tl.int32) >> SHIFT) & ((1 << BITS) - 1)
+        if OFFSET == 128:
+            return (c | 0x4300).to(tl.int16).to(tl.bfloat16, bitcast=True)
+        elif OFFSET == 1024:
+            return (c | 0x6400).to(tl.int16).to(tl.float16, bitcast=True)
+        else:
+            return c.to(tl.float32).to(dtype)
+
+    @triton.jit
+    def _unzip(t, PER: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_W: tl.constexpr):
+        """Columns j, j + PER, j + 2 PER, ... of `t` [BLOCK_G, PER * BLOCK_W] for j = 0..3 (PER = 2: the last two
+        are the first two again)."""
+        if PER == 2:
+            t0, t1 = tl.split(tl.reshape(t, [BLOCK_G, BLOCK_W, 2]))
+            return t0, t1, t0, t1
+        else:
+            a, b = tl.split(tl.reshape(t, [BLOCK_G, BLOCK_W, 2, 2]))
+            t0, t2 = tl.split(a)
+            t1, t3 = tl.split(b)
+            return t0, t1, t2, t3
+
+    @triton.jit
+    def _zip(t0, t1, t2, t3, PER: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_D: tl.constexpr):
+        """The inverse of `_unzip`: column `PER * i + j` of the result is column i of `tj`."""
+        if PER == 2:
+            return tl.reshape(tl.join(t0, t1), [BLOCK_G, BLOCK_D])
+        else:
+            return tl.reshape(tl.join(tl.join(t0, t2), tl.join(t1, t3)), [BLOCK_G, BLOCK_D])
+
+    @triton.jit
+    def _split_plane_pass(q, q_sum, m_i, l_i, acc, KD, KS, KZ, VD, VS, VZ, start, end, qk_scale,
+                          BITS: tl.constexpr, W: tl.constexpr, OFFSET: tl.constexpr, BLOCK_N: tl.constexpr,
+                          BLOCK_G: tl.constexpr, BLOCK_D: tl.constexpr, DOT_PRECISION: tl.constexpr,
+                          PTX: tl.constexpr):
+        """`_plane_pass` for 2- and 4-bit planes, one dot per code position of a byte (see the module docstring):
+        q and acc are split by head dim modulo PER once per pass; no tile is joined or reshaped."""
+        PER: tl.constexpr = 8 // BITS
+        BLOCK_W: tl.constexpr = BLOCK_D // PER
+        q0, q1, q2, q3 = _unzip(q, PER, BLOCK_G, BLOCK_W)
+        a0, a1, a2, a3 = _unzip(acc, PER, BLOCK_G, BLOCK_W)
+        offs_w = tl.arange(0, BLOCK_W)
+        w_mask = offs_w < W
+        for r0 in range(start, end, BLOCK_N):
+            row = r0 + tl.arange(0, BLOCK_N)
+            used = row < end
+            mask = used[:, None] & w_mask[None, :]
+            x = tl.load(KD + row[:, None] * W + offs_w[None, :], mask=mask, other=0)
+            s = tl.dot(q0, tl.trans(_codes(x, 0, BITS, OFFSET, q.dtype, PTX)), input_precision=DOT_PRECISION)
+            s = tl.dot(q1, tl.trans(_codes(x, BITS, BITS, OFFSET, q.dtype, PTX)), s, input_precision=DOT_PRECISION)
+            if PER == 4:
+                s = tl.dot(q2, tl.trans(_codes(x, 4, BITS, OFFSET, q.dtype, PTX)), s, input_precision=DOT_PRECISION)
+                s = tl.dot(q3, tl.trans(_codes(x, 6, BITS, OFFSET, q.dtype, PTX)), s, input_precision=DOT_PRECISION)
+            k_scale = tl.load(KS + row, mask=used, other=0.0).to(tl.float32)
+            k_zero = tl.load(KZ + row, mask=used, other=0.0).to(tl.float32)
+            s = s * k_scale[None, :] + q_sum[:, None] * (k_zero - OFFSET * k_scale)[None, :]
+            m_i, l_i, p, alpha = _softmax_step(tl.where(used[None, :], s * qk_scale, float("-inf")), m_i, l_i)
+            v_scale = tl.load(VS + row, mask=used, other=0.0).to(tl.float32)
+            v_zero = tl.load(VZ + row, mask=used, other=0.0).to(tl.float32)
+            w = (p * v_scale[None, :]).to(q.dtype)
+            shift = (tl.sum(p * v_zero[None, :], 1) - OFFSET * tl.sum(w.to(tl.float32), 1))[:, None]
+            y = tl.load(VD + row[:, None] * W + offs_w[None, :], mask=mask, other=0)
+            a0 = tl.dot(w, _codes(y, 0, BITS, OFFSET, q.dtype, PTX), a0 * alpha[:, None] + shift,
+                        input_precision=DOT_PRECISION)
+            a1 = tl.dot(w, _codes(y, BITS, BITS, OFFSET, q.dtype, PTX), a1 * alpha[:, None] + shift,
+                        input_precision=DOT_PRECISION)
+            if PER == 4:
+                a2 = tl.dot(w, _codes(y, 4, BITS, OFFSET, q.dtype, PTX), a2 * alpha[:, None] + shift,
+                            input_precision=DOT_PRECISION)
+                a3 = tl.dot(w, _codes(y, 6, BITS, OFFSET, q.dtype, PTX), a3 * alpha[:, None] + shift,
+                            input_precision=DOT_PRECISION)
+        return m_i, l_i, _zip(a0, a1, a2, a3, PER, BLOCK_G, BLOCK_D)
+
     @triton.jit
     def _quant_decode_dense_kernel(
         Q, KH, KHS, KHZ, KL, KLS, KLZ, KC, VH, VHS, VHZ, VL, VLS, VLZ, VC,
@@ -300,7 +367,7 @@ if triton is not None:
         G: tl.constexpr, D: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr,
         HIGH_BITS: tl.constexpr, LOW_BITS: tl.constexpr, HIGH_W: tl.constexpr, LOW_W: tl.constexpr,
         HIGH_OFFSET: tl.constexpr, LOW_OFFSET: tl.constexpr, HIGH_PTX: tl.constexpr, LOW_PTX: tl.constexpr,
-        DOT_PRECISION: tl.constexpr,
+        HIGH_SPLIT: tl.constexpr, LOW_SPLIT: tl.constexpr, DOT_PRECISION: tl.constexpr,
     ):
         """Online softmax of the G heads of one KV head over its split's share of the high rows, of the low rows
         and (last split) of the buffer rows, streamed in row order: attention does not depend on the order of
@@ -336,17 +403,34 @@ if triton is not None:
         acc = tl.zeros([BLOCK_G, BLOCK_D], tl.float32)
         # Each split takes a run of whole tiles of each plane; trailing splits may get none.
         share = tl.cdiv(tl.cdiv(n_high, num_splits), BLOCK_N) * BLOCK_N
-        m_i, l_i, acc = _plane_pass(q_planes, q_sum, m_i, l_i, acc, KH + bh * rows_high * HIGH_W,
-                                    KHS + b * rows_high, KHZ + b * rows_high, VH + bh * rows_high * HIGH_W,
-                                    VHS + b * rows_high, VHZ + b * rows_high, split * share,
-                                    tl.minimum(split * share + share, n_high), qk_scale,
-                                    HIGH_BITS, HIGH_W, HIGH_OFFSET, HIGH_PTX, BLOCK_N, BLOCK_D, DOT_PRECISION)
+        if HIGH_SPLIT:
+            m_i, l_i, acc = _split_plane_pass(q_planes, q_sum, m_i, l_i, acc, KH + bh * rows_high * HIGH_W,
+                                              KHS + b * rows_high, KHZ + b * rows_high,
+                                              VH + bh * rows_high * HIGH_W,
+                                              VHS + b * rows_high, VHZ + b * rows_high, split * share,
+                                              tl.minimum(split * share + share, n_high), qk_scale,
+                                              HIGH_BITS, HIGH_W, HIGH_OFFSET, BLOCK_N, BLOCK_G, BLOCK_D, DOT_PRECISION,
+                                              HIGH_PTX)
+        else:
+            m_i, l_i, acc = _plane_pass(q_planes, q_sum, m_i, l_i, acc, KH + bh * rows_high * HIGH_W,
+                                        KHS + b * rows_high, KHZ + b * rows_high, VH + bh * rows_high * HIGH_W,
+                                        VHS + b * rows_high, VHZ + b * rows_high, split * share,
+                                        tl.minimum(split * share + share, n_high), qk_scale,
+                                        HIGH_BITS, HIGH_W, HIGH_OFFSET, BLOCK_N, BLOCK_D, DOT_PRECISION)
         share = tl.cdiv(tl.cdiv(n_low, num_splits), BLOCK_N) * BLOCK_N
-        m_i, l_i, acc = _plane_pass(q_planes, q_sum, m_i, l_i, acc, KL + bh * rows_low * LOW_W,
-                                    KLS + b * rows_low, KLZ + b * rows_low, VL + bh * rows_low * LOW_W,
-                                    VLS + b * rows_low, VLZ + b * rows_low, split * share,
-                                    tl.minimum(split * share + share, n_low), qk_scale,
-                                    LOW_BITS, LOW_W, LOW_OFFSET, LOW_PTX, BLOCK_N, BLOCK_D, DOT_PRECISION)
+        if LOW_SPLIT:
+            m_i, l_i, acc = _split_plane_pass(q_planes, q_sum, m_i, l_i, acc, KL + bh * rows_low * LOW_W,
+                                              KLS + b * rows_low, KLZ + b * rows_low, VL + bh * rows_low * LOW_W,
+                                              VLS + b * rows_low, VLZ + b * rows_low, split * share,
+                                              tl.minimum(split * share + share, n_low), qk_scale,
+                                              LOW_BITS, LOW_W, LOW_OFFSET, BLOCK_N, BLOCK_G, BLOCK_D, DOT_PRECISION,
+                                              LOW_PTX)
+        else:
+            m_i, l_i, acc = _plane_pass(q_planes, q_sum, m_i, l_i, acc, KL + bh * rows_low * LOW_W,
+                                        KLS + b * rows_low, KLZ + b * rows_low, VL + bh * rows_low * LOW_W,
+                                        VLS + b * rows_low, VLZ + b * rows_low, split * share,
+                                        tl.minimum(split * share + share, n_low), qk_scale,
+                                        LOW_BITS, LOW_W, LOW_OFFSET, BLOCK_N, BLOCK_D, DOT_PRECISION)
         acc = acc * v_channel[None, :]
 
         # Buffer row i holds slot quantized + i: read where that slot exists and is visible.
@@ -401,11 +485,16 @@ def _code_offset(dtype: torch.dtype, bits: int) -> int:
     return 0
 
 
+def _split_by_code(block_d: int, bits: int) -> bool:
+    """Whether the dense read takes a `bits`-bit plane with `_split_plane_pass`: 2 or 4 bits, and each code
+    position's dot at least 16 wide (its K, `block_d * bits // 8`)."""
+    return bits in (2, 4) and block_d * bits // 8 >= 16
+
+
 def _ptx_unpack(q: torch.Tensor, bits: int) -> bool:
-    """Whether the dense read unpacks `bits`-bit codes with `_nibbles_bf16` / `_crumbs_bf16`: bfloat16 on a GPU
-    (not under the Triton interpreter). On the H100 (batch 8, 8 KV heads, 32 query heads, head 128, 32k slots)
-    the dense read took 0.268 ms instead of 0.297 ms at 4/2 bits and 0.289 instead of 0.321 at 4/4, with equal
-    outputs: the read is bound by its per-code work, of which the unpacking is about a tenth."""
+    """Whether `_split_plane_pass` makes its codes in PTX (`_nibble_at`, `_crumb_at`): bfloat16 on a GPU, not
+    under the Triton interpreter. On the H100 (as in the module docstring) 0.231 instead of 0.243 ms at 4/2
+    bits, with outputs equal to the bit."""
     return (q.is_cuda and q.dtype == torch.bfloat16 and bits in (2, 4)
             and os.environ.get("TRITON_INTERPRET", "0") != "1")
 
@@ -492,7 +581,9 @@ def quant_decode_attention_triton(q: Tensor, state: ZipCacheState, slot_pos: Ten
             BLOCK_N=BLOCK_N, HIGH_W=state.keys.high.data.shape[3], LOW_W=state.keys.low.data.shape[3],
             HIGH_OFFSET=_code_offset(q.dtype, state.keys.high.bits),
             LOW_OFFSET=_code_offset(q.dtype, state.keys.low.bits),
-            HIGH_PTX=_ptx_unpack(q, state.keys.high.bits), LOW_PTX=_ptx_unpack(q, state.keys.low.bits), **common,
+            HIGH_PTX=_ptx_unpack(q, state.keys.high.bits), LOW_PTX=_ptx_unpack(q, state.keys.low.bits),
+            HIGH_SPLIT=_split_by_code(BLOCK_D, state.keys.high.bits),
+            LOW_SPLIT=_split_by_code(BLOCK_D, state.keys.low.bits), **common,
             num_warps=4, num_stages=2,
         )
     else:
