@@ -1,6 +1,8 @@
 """`zipcache` against the paper reference (generation across periodic steps), 16/16 bits against dense, batching,
 the CUDA decode route (Triton kernel, interpreted) against the definition, Inductor, packed memory against bf16,
 and `tidaldecode` reading the quantized store."""
+import contextlib
+
 import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
@@ -8,10 +10,11 @@ from transformers import LlamaConfig, LlamaForCausalLM
 import kvcompile
 from conftest import VOCAB, left_padded_batch, rel_err, tiny_hf_model
 from kvcompile.errors import KVCompileError, PassError
-from kvcompile.ops import zipcache_attention
+from kvcompile.ops import quantization, zipcache_attention
 from kvcompile.passes import TidalDecode, TokenSelect, ZipCache
 from kvcompile.reference.zipcache import zipcache_logits
 from kvcompile.runtime.cache_correction import enable_cache_correction
+from kvcompile.runtime.periodic import PeriodicQuantization
 
 GAP = 5  # 40% of 5 tokens is whole: every periodic block splits exactly as the reference's (`salient_allowance`)
 
@@ -85,8 +88,53 @@ def test_cuda_route_matches_definition(deep, monkeypatch):
                              prefill_chunk=1)
     definition = opt(ids, mask)
     monkeypatch.setattr(zipcache_attention, "_use_kernel", lambda q: True)
+    monkeypatch.setattr(quantization, "_fused_quantize", lambda keys, state: True)  # triton_quantize's kernels
     real = mask.bool()
     assert rel_err(opt(ids, mask)[real], definition[real]) < 1e-5
+
+
+class _RecordedGraph:
+    """Stands in for `torch.cuda.CUDAGraph` on the CPU: `torch.cuda.graph(g)` records what runs inside it (the work
+    really runs, once, as a capture would not), `replay` runs it again."""
+
+    def __init__(self):
+        self.work, self.replays = None, 0
+
+    def replay(self):
+        self.replays += 1
+        self.work()
+
+
+def test_periodic_step_is_replayed_from_a_cuda_graph(llama, monkeypatch):
+    """First call on a cache runs eagerly, the second captures and replays, later calls replay; a re-allocated
+    cache starts over and drops the old graph."""
+    opt = kvcompile.optimize(llama, [ZipCache(streaming_gap=GAP)], prefill_chunk=4)
+    opt.reserve(1, 32)
+    hook = opt.hooks[0]
+    eager_calls = []
+    run = hook._quantize_layers
+    monkeypatch.setattr(hook, "_quantize_layers", lambda layers: (eager_calls.append(1), run(layers)))
+    monkeypatch.setattr(PeriodicQuantization, "_graphed", staticmethod(lambda layers: True))
+    monkeypatch.setattr(torch.cuda, "CUDAGraph", _RecordedGraph)
+
+    @contextlib.contextmanager
+    def capture(graph):
+        calls = len(eager_calls)
+        yield
+        assert len(eager_calls) == calls + 1  # the step ran inside the capture
+        graph.work = lambda: run([hook._layer_tensors(layer) for layer in hook.layers])
+
+    monkeypatch.setattr(torch.cuda, "graph", capture)
+    hook.quantize()
+    assert len(eager_calls) == 1 and list(hook.graphs.values()) == [None]
+    hook.quantize()
+    graph = next(iter(hook.graphs.values()))
+    assert isinstance(graph, _RecordedGraph) and graph.replays == 1
+    hook.quantize()
+    assert graph.replays == 2 and len(eager_calls) == 2
+    opt.reserve(2, 32)  # new cache tensors
+    hook.quantize()
+    assert list(hook.graphs.values()) == [None] and len(eager_calls) == 3
 
 
 def test_inductor_matches_eager(llama):

@@ -6,10 +6,10 @@ says when the buffers are full without reading the device: every `streaming_gap`
 quantizes its buffers (`kvcompile.ops.zipcache_attention.quantize_buffers`). Rows that took padding steps (a
 left-padded prompt fed token by token) quantize the fewer tokens they hold.
 
-The periodic step is hundreds of small kernels per layer, but its shapes are static and it never synchronises
-with the host, so on a GPU it is replayed from a CUDA graph: the first call runs it (loading its kernels), the
-second captures and replays it, later ones replay. A graph is kept per set of cache tensors (a cache
-re-allocated by `reserve` gets a new one).
+The periodic step is ~125 small kernels per layer (with `kvcompile.ops.triton_quantize`), but its shapes are
+static and it never synchronises with the host, so on a GPU it is replayed from a CUDA graph: the first call runs
+it (loading its kernels), the second captures and replays it, later ones replay. A graph is kept per set of cache
+tensors, the latest (a cache re-allocated by `reserve` gets a new one).
 """
 from __future__ import annotations
 
@@ -49,12 +49,12 @@ class PeriodicQuantization:
         self.decoded = 0
         layers = [self._layer_tensors(layer) for layer in self.layers]
         with torch.no_grad():
-            if not layers or not layers[0][0].is_cuda:
+            if not self._graphed(layers):
                 self._quantize_layers(layers)
                 return
             key = tuple(t.data_ptr() for tensors in layers for t in tensors)
-            if key not in self.graphs:  # first call: run it, which also loads its kernels
-                self.graphs[key] = None
+            if key not in self.graphs:  # first call on these tensors: run it, which also loads its kernels
+                self.graphs = {key: None}  # a graph of tensors since re-allocated is dropped
                 self._quantize_layers(layers)
                 return
             if self.graphs[key] is None:
@@ -63,6 +63,11 @@ class PeriodicQuantization:
                     self._quantize_layers(layers)
                 self.graphs[key] = graph
             self.graphs[key].replay()
+
+    @staticmethod
+    def _graphed(layers: list[list[torch.Tensor]]) -> bool:
+        """Whether the step is replayed from a CUDA graph: its tensors are on a GPU."""
+        return bool(layers) and layers[0][0].is_cuda
 
     def _layer_tensors(self, layer: str) -> list[torch.Tensor]:
         """A layer's state tensors (`STATE_FIELDS` order), then its positions, step query and log-sum-exp."""
