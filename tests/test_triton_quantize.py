@@ -11,7 +11,7 @@ import torch  # noqa: E402
 
 pytest.importorskip("triton")
 
-from kvcompile.ops import decode, quantization  # noqa: E402
+from kvcompile.ops import decode, quantization, triton_quantize  # noqa: E402
 from kvcompile.ops.quantization import empty_state, free_high_rows, quantize_into, select_salient  # noqa: E402
 
 B, HKV, T, D = 3, 2, 24, 16
@@ -22,11 +22,12 @@ def _device() -> str:
     return "cpu" if os.environ.get("TRITON_INTERPRET") == "1" else "cuda"
 
 
-def _blocks(dtype, seed, integers=False):
-    """Two blocks of random keys and values with per-token magnitudes from 1e-3 to 1e3 and outlier channels
+def _blocks(dtype, seed, integers=False, seq=T):
+    """Two blocks of `seq` random keys and values with per-token magnitudes from 1e-3 to 1e3 and outlier channels
     (or small integers, whose codes hit exact ties), padded rows and per-head or shared saliency scores."""
     gen = torch.Generator().manual_seed(seed)
     blocks = []
+    T = seq
     for count, score_heads in ((torch.tensor([T, 13, 0]), HKV), (torch.tensor([5, T, 9]), 1)):
         if integers:
             k, v = (torch.randint(-6, 7, (B, HKV, T, D), generator=gen).float() for _ in range(2))
@@ -41,6 +42,7 @@ def _blocks(dtype, seed, integers=False):
 
 def _quantized_state(blocks, bits, dtype, channel=None):
     """The state after appending `blocks` with `quantize_into`, on the kernel's device."""
+    T = blocks[0][0].shape[2]
     state = empty_state(B, HKV, D, 2 * T, high_bits=bits[0], low_bits=bits[1], dtype=dtype, device=_device())
     if channel is not None:
         state.keys.channel.fill_(channel)
@@ -79,6 +81,13 @@ def test_kernel_planes_equal_pytorch(monkeypatch, bits, dtype):
     """Two blocks (the second appended after the first, setting row 2's channel scales): channel scales,
     packed codes, float16 scales and zero points all equal the PyTorch path's."""
     _assert_same_state(monkeypatch, _blocks(dtype, seed=bits[0] + bits[1]), bits, dtype)
+
+
+def test_blocks_longer_than_a_ranking_tile(monkeypatch):
+    """Blocks of 300 tokens (a prefill chunk): `_rank_tokens_kernel` ranks in tiles of 128, carrying the salient
+    count from tile to tile."""
+    assert 300 > 2 * triton_quantize._RANK_TOKENS
+    _assert_same_state(monkeypatch, _blocks(torch.float32, seed=3, seq=300), (4, 2), torch.float32)
 
 
 def test_ties_round_half_to_even(monkeypatch):

@@ -461,8 +461,9 @@ def _block_slots(block_d: int) -> int:
 
 def _block_rows(block_d: int) -> int:
     """Plane rows per tile of the dense kernel: 64 at head dim 128 (8K elements a tile), fewer for wider heads.
-    On the H100 (bf16, batch 8, 8 KV heads, 32 query heads, head 128, 32k slots, 4/2 bits) 64 rows took 0.285 ms,
-    128 rows 0.318 ms, and 8 warps 0.43 ms."""
+    On the H100 (bf16, batch 8, 8 KV heads, 32 query heads, head 128, 32k slots, 4/2 bits), for the read that
+    joined codes into head-dim order: 64 rows took 0.285 ms, 128 rows 0.318 ms, and 8 warps 0.43 ms (not
+    re-swept for `_split_plane_pass`)."""
     return max(16, min(64, 8192 // block_d))
 
 
@@ -470,7 +471,8 @@ def _dense_splits(rows: int, programs_per_split: int, block_n: int, sms: int) ->
     """Splits of the dense read: about `_DENSE_PROGRAMS_PER_SM` programs per SM, each over >= 2 tiles.
 
     Four programs fit an H100 SM at once (128 registers a thread), and several waves hide the tail: at the
-    size above, 4 splits (256 programs) took 0.40 ms and 16, 32 or 64 splits 0.283 to 0.288 ms."""
+    size above (the joined read), 4 splits (256 programs) took 0.40 ms and 16, 32 or 64 splits 0.283 to 0.288
+    ms."""
     wanted = triton.cdiv(_DENSE_PROGRAMS_PER_SM * sms, programs_per_split)
     return max(1, min(wanted, triton.cdiv(rows, 2 * block_n), _MAX_SPLITS))
 
@@ -492,10 +494,10 @@ def _split_by_code(block_d: int, bits: int) -> bool:
 
 
 def _ptx_unpack(q: torch.Tensor, bits: int) -> bool:
-    """Whether `_split_plane_pass` makes its codes in PTX (`_nibble_at`, `_crumb_at`): bfloat16 on a GPU, not
-    under the Triton interpreter. On the H100 (as in the module docstring) 0.231 instead of 0.243 ms at 4/2
-    bits, with outputs equal to the bit."""
-    return (q.is_cuda and q.dtype == torch.bfloat16 and bits in (2, 4)
+    """Whether `_split_plane_pass` makes its codes in PTX (`_nibble_at`, `_crumb_at`): bfloat16 on an NVIDIA GPU
+    (not ROCm), not under the Triton interpreter. On the H100 (as in the module docstring) 0.231 instead of
+    0.243 ms at 4/2 bits, with outputs equal to the bit."""
+    return (q.is_cuda and torch.version.hip is None and q.dtype == torch.bfloat16 and bits in (2, 4)
             and os.environ.get("TRITON_INTERPRET", "0") != "1")
 
 

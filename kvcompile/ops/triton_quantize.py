@@ -127,6 +127,9 @@ if triton is not None:
             bh = b * H + heads
             head_mask = heads < H
             token = tl.load(SOURCE + bh * 2 * T + r, mask=head_mask, other=0)
+            # In bounds even if the heads' counts differed (a broken `select_salient` contract): `SOURCE` is
+            # uninitialised past each head's count.
+            token = tl.minimum(tl.maximum(token, 0), T - 1)
             PER: tl.constexpr = 8 // BITS
             W: tl.constexpr = D // PER
             offs_w = tl.arange(0, BLOCK_D // PER)

@@ -52,7 +52,7 @@ class PeriodicQuantization:
             if not self._graphed(layers):
                 self._quantize_layers(layers)
                 return
-            key = tuple(t.data_ptr() for tensors in layers for t in tensors)
+            key = tuple((t.data_ptr(), t.shape, t.dtype) for tensors in layers for t in tensors)
             if key not in self.graphs:  # first call on these tensors: run it, which also loads its kernels
                 self.graphs = {key: None}  # a graph of tensors since re-allocated is dropped
                 self._quantize_layers(layers)
