@@ -23,7 +23,7 @@ try:
 except ImportError:  # the module stays importable; decode_step then uses the PyTorch path
     triton = None
 
-__all__ = ["decode_step", "write_token", "kernels_enabled", "reference_attention"]
+__all__ = ["decode_step", "write_token", "kernels_enabled", "kernels_for", "reference_attention"]
 
 _KERNELS = True
 
@@ -32,6 +32,12 @@ def kernels_enabled() -> bool:
     """Whether `cached_attention` takes its fast paths: this module's kernels for decode on CUDA, and
     `kvcompile.ops.prefill.causal_prefill` for prefill chunks (see `reference_attention`)."""
     return _KERNELS
+
+
+def kernels_for(t: Tensor) -> bool:
+    """Whether the ops take their Triton kernels for tensors like `t`: on CUDA, with Triton installed, outside
+    `reference_attention`."""
+    return t.is_cuda and triton_available() and _KERNELS
 
 
 @contextlib.contextmanager

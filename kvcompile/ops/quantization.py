@@ -36,7 +36,6 @@ from torch import Tensor
 
 from kvcompile.cache import resolve_dims
 from kvcompile.ops import decode
-from kvcompile.ops.triton_decode import triton_available
 from kvcompile.ops.triton_quantize import quantize_block_triton
 
 HIGH_BITS = 4
@@ -306,8 +305,7 @@ def salient_allowance(state: ZipCacheState, count: Tensor, saliency_ratio: float
 def _fused_quantize(keys: Tensor, state: ZipCacheState) -> bool:
     """Whether `quantize_into` stores the planes with the Triton kernels of `triton_quantize`: for CUDA tensors
     with packed planes (16-bit planes stay here), unless `decode.reference_attention()` is active."""
-    return (keys.is_cuda and triton_available() and decode.kernels_enabled()
-            and UNQUANTIZED not in (state.keys.high.bits, state.keys.low.bits))
+    return decode.kernels_for(keys) and UNQUANTIZED not in (state.keys.high.bits, state.keys.low.bits)
 
 
 def quantize_into(state: ZipCacheState, keys: Tensor, values: Tensor, salient: Tensor, count: Tensor) -> None:

@@ -90,13 +90,10 @@ def _with_new_tokens(k_cache: Tensor, v_cache: Tensor, slot_pos: Tensor, k: Tens
 
 
 def _fast_path(q: Tensor) -> bool:
-    """Triton kernels run for CUDA decode tensors when Triton is installed and `decode.kernels_enabled()`;
-    everything else uses the definition."""
+    """Triton kernels run for decode tensors (one new token) where `decode.kernels_for` allows them; everything
+    else uses the definition."""
     from kvcompile.ops import decode
-    if not (q.is_cuda and decode.kernels_enabled()):
-        return False
-    from kvcompile.ops.triton_sparse_decode import triton_available
-    return triton_available() and q.shape[2] == 1
+    return decode.kernels_for(q) and q.shape[2] == 1
 
 
 # --- kvcompile::cached_attention_select ----------------------------------------------------------------------

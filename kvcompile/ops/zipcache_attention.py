@@ -34,7 +34,6 @@ from kvcompile.ops.cached_attention import cache_slots
 from kvcompile.ops.quantization import (ZipCacheState, dequantize_state, normalized_attention_saliency, probe_count,
                                         probe_queries, quantize_into, salient_allowance, select_salient, state_of)
 from kvcompile.ops.sparse_attention import attend_per_head, gather_slots, select_by_attention, slot_positions
-from kvcompile.ops.triton_decode import triton_available
 from kvcompile.ops.triton_quant_decode import quant_decode_attention_triton
 
 
@@ -124,7 +123,7 @@ def _keep_step(step_query: Tensor, step_lse: Tensor, q: Tensor, lse: Tensor, sca
 def _use_kernel(q: Tensor) -> bool:
     """Decode reads use the Triton kernel for CUDA tensors (unless `decode.reference_attention()` is active);
     elsewhere dequantize-then-attend, the definition."""
-    return q.is_cuda and triton_available() and decode.kernels_enabled()
+    return decode.kernels_for(q)
 
 
 def _decode(q: Tensor, k: Tensor, v: Tensor, state: ZipCacheState, slot_pos: Tensor, positions: Tensor,
