@@ -30,7 +30,9 @@ class PeriodicQuantization:
         self.layers = sorted({name.split("_")[0] for name, spec in state.specs.items() if spec.role == "step_lse"},
                              key=lambda layer: int(layer[len("layer"):]))
         self.decoded = 0
-        self.graphs: dict[tuple, Optional[torch.cuda.CUDAGraph]] = {}  # None: ran once, capture next time
+        # The tensors the periodic step last ran on, and its graph over them (None until the second call).
+        self.graph_key: Optional[tuple] = None
+        self.graph: Optional[torch.cuda.CUDAGraph] = None
 
     def reset(self) -> None:
         """A new sequence: the cache was just emptied."""
@@ -53,16 +55,15 @@ class PeriodicQuantization:
                 self._quantize_layers(layers)
                 return
             key = tuple((t.data_ptr(), t.shape, t.dtype) for tensors in layers for t in tensors)
-            if key not in self.graphs:  # first call on these tensors: run it, which also loads its kernels
-                self.graphs = {key: None}  # a graph of tensors since re-allocated is dropped
+            if key != self.graph_key:  # first call on these tensors: run it, which also loads its kernels
+                self.graph_key, self.graph = key, None  # a graph of tensors since re-allocated is dropped
                 self._quantize_layers(layers)
                 return
-            if self.graphs[key] is None:
-                graph = torch.cuda.CUDAGraph()
-                with torch.cuda.graph(graph):
+            if self.graph is None:
+                self.graph = torch.cuda.CUDAGraph()
+                with torch.cuda.graph(self.graph):
                     self._quantize_layers(layers)
-                self.graphs[key] = graph
-            self.graphs[key].replay()
+            self.graph.replay()
 
     @staticmethod
     def _graphed(layers: list[list[torch.Tensor]]) -> bool:
@@ -76,6 +77,6 @@ class PeriodicQuantization:
         return [getattr(self.state, name) for name in names]
 
     def _quantize_layers(self, layers: list[list[torch.Tensor]]) -> None:
+        fields = len(STATE_FIELDS)
         for tensors in layers:
-            fields = len(STATE_FIELDS)
             quantize_buffers(state_of(tensors[:fields], *self.bits), *tensors[fields:], self.policy)
