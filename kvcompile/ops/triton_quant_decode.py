@@ -359,6 +359,31 @@ if triton is not None:
         return m_i, l_i, _zip(a0, a1, a2, a3, PER, BLOCK_G, BLOCK_D)
 
     @triton.jit
+    def _read_plane(q, q_sum, m_i, l_i, acc, KD, KS, KZ, VD, VS, VZ, bh, b, rows, n_rows, split, num_splits,
+                    qk_scale, BITS: tl.constexpr, W: tl.constexpr, OFFSET: tl.constexpr, SPLIT: tl.constexpr,
+                    PTX: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_D: tl.constexpr,
+                    DOT_PRECISION: tl.constexpr):
+        """This split's share of one plane's `n_rows` rows — a run of whole tiles; trailing splits may get none —
+        through `_split_plane_pass` (SPLIT) or `_plane_pass`. `KD`, `KS`, `KZ` (`VD`, `VS`, `VZ`) are the plane's
+        key (value) codes, `rows` rows per (batch row, KV head), and its scales and zeros, `rows` per batch row."""
+        share = tl.cdiv(tl.cdiv(n_rows, num_splits), BLOCK_N) * BLOCK_N
+        start = split * share
+        end = tl.minimum(start + share, n_rows)
+        KD = KD + bh * rows * W
+        VD = VD + bh * rows * W
+        KS = KS + b * rows
+        KZ = KZ + b * rows
+        VS = VS + b * rows
+        VZ = VZ + b * rows
+        if SPLIT:
+            m_i, l_i, acc = _split_plane_pass(q, q_sum, m_i, l_i, acc, KD, KS, KZ, VD, VS, VZ, start, end, qk_scale,
+                                              BITS, W, OFFSET, BLOCK_N, BLOCK_G, BLOCK_D, DOT_PRECISION, PTX)
+        else:
+            m_i, l_i, acc = _plane_pass(q, q_sum, m_i, l_i, acc, KD, KS, KZ, VD, VS, VZ, start, end, qk_scale,
+                                        BITS, W, OFFSET, BLOCK_N, BLOCK_D, DOT_PRECISION)
+        return m_i, l_i, acc
+
+    @triton.jit
     def _quant_decode_dense_kernel(
         Q, KH, KHS, KHZ, KL, KLS, KLZ, KC, VH, VHS, VHZ, VL, VLS, VLZ, VC,
         WORDS, RANK, QUANT, KB, VB, POS, QPOS, WS,
@@ -401,36 +426,12 @@ if triton is not None:
         m_i = tl.full([BLOCK_G], float("-inf"), tl.float32)
         l_i = tl.zeros([BLOCK_G], tl.float32)
         acc = tl.zeros([BLOCK_G, BLOCK_D], tl.float32)
-        # Each split takes a run of whole tiles of each plane; trailing splits may get none.
-        share = tl.cdiv(tl.cdiv(n_high, num_splits), BLOCK_N) * BLOCK_N
-        if HIGH_SPLIT:
-            m_i, l_i, acc = _split_plane_pass(q_planes, q_sum, m_i, l_i, acc, KH + bh * rows_high * HIGH_W,
-                                              KHS + b * rows_high, KHZ + b * rows_high,
-                                              VH + bh * rows_high * HIGH_W,
-                                              VHS + b * rows_high, VHZ + b * rows_high, split * share,
-                                              tl.minimum(split * share + share, n_high), qk_scale,
-                                              HIGH_BITS, HIGH_W, HIGH_OFFSET, BLOCK_N, BLOCK_G, BLOCK_D, DOT_PRECISION,
-                                              HIGH_PTX)
-        else:
-            m_i, l_i, acc = _plane_pass(q_planes, q_sum, m_i, l_i, acc, KH + bh * rows_high * HIGH_W,
-                                        KHS + b * rows_high, KHZ + b * rows_high, VH + bh * rows_high * HIGH_W,
-                                        VHS + b * rows_high, VHZ + b * rows_high, split * share,
-                                        tl.minimum(split * share + share, n_high), qk_scale,
-                                        HIGH_BITS, HIGH_W, HIGH_OFFSET, BLOCK_N, BLOCK_D, DOT_PRECISION)
-        share = tl.cdiv(tl.cdiv(n_low, num_splits), BLOCK_N) * BLOCK_N
-        if LOW_SPLIT:
-            m_i, l_i, acc = _split_plane_pass(q_planes, q_sum, m_i, l_i, acc, KL + bh * rows_low * LOW_W,
-                                              KLS + b * rows_low, KLZ + b * rows_low, VL + bh * rows_low * LOW_W,
-                                              VLS + b * rows_low, VLZ + b * rows_low, split * share,
-                                              tl.minimum(split * share + share, n_low), qk_scale,
-                                              LOW_BITS, LOW_W, LOW_OFFSET, BLOCK_N, BLOCK_G, BLOCK_D, DOT_PRECISION,
-                                              LOW_PTX)
-        else:
-            m_i, l_i, acc = _plane_pass(q_planes, q_sum, m_i, l_i, acc, KL + bh * rows_low * LOW_W,
-                                        KLS + b * rows_low, KLZ + b * rows_low, VL + bh * rows_low * LOW_W,
-                                        VLS + b * rows_low, VLZ + b * rows_low, split * share,
-                                        tl.minimum(split * share + share, n_low), qk_scale,
-                                        LOW_BITS, LOW_W, LOW_OFFSET, BLOCK_N, BLOCK_D, DOT_PRECISION)
+        m_i, l_i, acc = _read_plane(q_planes, q_sum, m_i, l_i, acc, KH, KHS, KHZ, VH, VHS, VHZ, bh, b, rows_high,
+                                    n_high, split, num_splits, qk_scale, HIGH_BITS, HIGH_W, HIGH_OFFSET, HIGH_SPLIT,
+                                    HIGH_PTX, BLOCK_N, BLOCK_G, BLOCK_D, DOT_PRECISION)
+        m_i, l_i, acc = _read_plane(q_planes, q_sum, m_i, l_i, acc, KL, KLS, KLZ, VL, VLS, VLZ, bh, b, rows_low,
+                                    n_low, split, num_splits, qk_scale, LOW_BITS, LOW_W, LOW_OFFSET, LOW_SPLIT,
+                                    LOW_PTX, BLOCK_N, BLOCK_G, BLOCK_D, DOT_PRECISION)
         acc = acc * v_channel[None, :]
 
         # Buffer row i holds slot quantized + i: read where that slot exists and is visible.
