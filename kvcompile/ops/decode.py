@@ -15,7 +15,7 @@ from torch import Tensor
 
 from kvcompile.ops.cached_attention import write_cache
 from kvcompile.ops.decode_reference import decode_attention_reference
-from kvcompile.ops.triton_decode import decode_attention_triton, triton_available
+from kvcompile.ops.triton_decode import decode_attention_triton, dependent_launch, triton_available
 
 try:
     import triton
@@ -55,6 +55,7 @@ def reference_attention() -> Iterator[None]:
 
 
 if triton is not None:
+    from kvcompile.ops.triton_decode import _wait_for_producers
 
     @triton.jit
     def _write_token_kernel(
@@ -65,9 +66,10 @@ if triton is not None:
         stride_wb, stride_wh, stride_wn, stride_wd,
         stride_pb, stride_sb, stride_sn,
         scratch, sink_tokens, window_tokens,
-        D: tl.constexpr, BLOCK_D: tl.constexpr, WINDOWED: tl.constexpr,
+        D: tl.constexpr, BLOCK_D: tl.constexpr, WINDOWED: tl.constexpr, PDL: tl.constexpr,
     ):
         """Store the new key/value of one (row, kv head) in its slot; kv head 0 also stores the position."""
+        _wait_for_producers(PDL)
         b = tl.program_id(0).to(tl.int64)
         h = tl.program_id(1).to(tl.int64)
         p = tl.load(POS + b * stride_pb).to(tl.int64)
@@ -101,13 +103,14 @@ def write_token(k: Tensor, v: Tensor, k_cache: Tensor, v_cache: Tensor, slot_pos
         write_cache(k_cache, v_cache, slot_pos, k, v, positions.reshape(batch, seq), sink_tokens, window_tokens)
         return
     k3, v3 = k[:, :, 0], v[:, :, 0]
+    pdl = dependent_launch(k3)
     _write_token_kernel[(batch, kv_heads)](
         k3, v3, k_cache, v_cache, positions, slot_pos,
         *k3.stride(), *v3.stride(), *k_cache.stride(), *v_cache.stride(),
         positions.stride(0), *slot_pos.stride(),
         slot_pos.shape[1] - 1, sink_tokens, max(window_tokens, 1),
-        D=head_dim, BLOCK_D=triton.next_power_of_2(head_dim), WINDOWED=window_tokens > 0,
-        num_warps=1,
+        D=head_dim, BLOCK_D=triton.next_power_of_2(head_dim), WINDOWED=window_tokens > 0, PDL=pdl,
+        num_warps=1, launch_pdl=pdl,
     )
 
 

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import functools
 import math
+import os
 
 import torch
 
@@ -38,6 +39,15 @@ def triton_available() -> bool:
 
 
 if triton is not None:
+
+    @triton.jit
+    def _wait_for_producers(PDL: tl.constexpr):
+        """With programmatic dependent launch (`launch_pdl`): wait until the kernels before this one have
+        finished and their writes are visible. The first statement of every decode kernel here, so such a
+        kernel can be launched while its producer drains and start the moment it ends. These kernels never
+        signal their own dependents early, so a kernel after one starts only once it has finished."""
+        if PDL:
+            tl.extra.cuda.gdc_wait()
 
     @triton.jit
     def _query_group(Q, b, kvh, stride_qb, stride_qh, stride_qd,
@@ -89,9 +99,10 @@ if triton is not None:
         N, chunk_len, sink_tokens, window_tokens, qk_scale,
         G: tl.constexpr, D: tl.constexpr,
         BLOCK_G: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr,
-        HAS_QSINK: tl.constexpr, WINDOWED: tl.constexpr, DOT_PRECISION: tl.constexpr,
+        HAS_QSINK: tl.constexpr, WINDOWED: tl.constexpr, DOT_PRECISION: tl.constexpr, PDL: tl.constexpr,
     ):
         """Online softmax of the G heads of one kv head over one chunk of slots."""
+        _wait_for_producers(PDL)
         # int64 base offsets: a large cache can pass 2**31 elements.
         b = tl.program_id(0).to(tl.int64)
         kvh = tl.program_id(1).to(tl.int64)
@@ -137,9 +148,11 @@ if triton is not None:
     def _decode_merge_kernel(
         WS, OUT, LSE, num_splits,
         D: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_D: tl.constexpr, STORE_LSE: tl.constexpr,
+        PDL: tl.constexpr,
     ):
         """Merge the split partials of one (batch, query head) row into the output; with STORE_LSE also store
         the row's natural log-sum-exp of the scaled scores (-inf when nothing was visible)."""
+        _wait_for_producers(PDL)
         row = tl.program_id(0)
         offs_s = tl.arange(0, BLOCK_S)
         offs_d = tl.arange(0, BLOCK_D)
@@ -171,11 +184,30 @@ def merge_splits(ws: torch.Tensor, out: torch.Tensor, splits: int, lse: torch.Te
     sum [R], rows ordered (b, head, split)) into `out` [B, Hq, D], and the log-sum-exp into `lse` [B, Hq] if
     given."""
     rows, head_dim = out.shape[0] * out.shape[1], out.shape[2]
+    pdl = dependent_launch(out)
     _decode_merge_kernel[(rows,)](
         ws, out, lse if lse is not None else ws, splits,
         D=head_dim, BLOCK_S=triton.next_power_of_2(splits), BLOCK_D=triton.next_power_of_2(head_dim),
-        STORE_LSE=lse is not None, num_warps=4,
+        STORE_LSE=lse is not None, PDL=pdl, num_warps=4, launch_pdl=pdl,
     )
+
+
+def nvidia_native(t: torch.Tensor) -> bool:
+    """Whether kernels for `t` are compiled for an NVIDIA GPU (not ROCm, not the Triton interpreter): where
+    inline PTX and grid dependency control exist."""
+    return t.is_cuda and torch.version.hip is None and os.environ.get("TRITON_INTERPRET", "0") != "1"
+
+
+def dependent_launch(t: torch.Tensor) -> bool:
+    """Whether the decode kernels for `t` launch with programmatic dependent launch (their `PDL=` and
+    `launch_pdl=`): NVIDIA Hopper or later. In the compiled decode step the kernels before and after ours are
+    mostly Inductor's, which take part too (`kvcompile.backends.inductor`)."""
+    return nvidia_native(t) and _compute_capability(t.device)[0] >= 9
+
+
+@functools.lru_cache(maxsize=None)
+def _compute_capability(device: torch.device) -> tuple[int, int]:
+    return torch.cuda.get_device_capability(device)
 
 
 @functools.lru_cache(maxsize=None)
@@ -257,6 +289,7 @@ def decode_attention_triton(
     ws = torch.empty(B * Hq * splits * (D + 2), device=q.device, dtype=torch.float32)
     qs = q if q_sink is None else q_sink
     windowed = window_tokens > 0
+    pdl = dependent_launch(q)
 
     _decode_split_kernel[(B, Hkv, splits)](
         q, qs, k_cache, v_cache, slot_pos, q_pos, ws,
@@ -265,8 +298,8 @@ def decode_attention_triton(
         G=G, D=D, BLOCK_G=BLOCK_G, BLOCK_D=BLOCK_D, BLOCK_N=BLOCK_N,
         HAS_QSINK=q_sink is not None, WINDOWED=windowed,
         # fp32 callers get fp32 products, not tf32; other dtypes keep Triton's default.
-        DOT_PRECISION="ieee" if q.dtype == torch.float32 else None,
-        num_warps=num_warps, num_stages=num_stages,
+        DOT_PRECISION="ieee" if q.dtype == torch.float32 else None, PDL=pdl,
+        num_warps=num_warps, num_stages=num_stages, launch_pdl=pdl,
     )
     merge_splits(ws, out, splits)
     return out

@@ -35,15 +35,14 @@ the planes with `kvcompile.ops.triton_quantize` and is replayed from a CUDA grap
 from __future__ import annotations
 
 import math
-import os
 from typing import Optional
 
 import torch
 from torch import Tensor
 
 from kvcompile.ops.quantization import MixedPrecisionPlanes, ZipCacheState
-from kvcompile.ops.triton_decode import (_LOG2E, _MAX_SPLITS, _choose_splits, _num_sms, merge_splits,
-                                         triton_available)
+from kvcompile.ops.triton_decode import (_LOG2E, _MAX_SPLITS, _choose_splits, _num_sms, dependent_launch,
+                                         merge_splits, nvidia_native, triton_available)
 
 try:
     import triton
@@ -57,7 +56,7 @@ _DENSE_PROGRAMS_PER_SM = 16  # see `_dense_splits`
 
 
 if triton is not None:
-    from kvcompile.ops.triton_decode import _query_group, _softmax_step, _store_partials
+    from kvcompile.ops.triton_decode import _query_group, _softmax_step, _store_partials, _wait_for_producers
 
     @triton.jit
     def _popcount31(x):
@@ -94,10 +93,12 @@ if triton is not None:
         N, chunk_len, rows_high, rows_low, num_words, buffer_rows, qk_scale,
         G: tl.constexpr, D: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr,
         HIGH_BITS: tl.constexpr, LOW_BITS: tl.constexpr, DOT_PRECISION: tl.constexpr, STORE_SCORES: tl.constexpr,
+        PDL: tl.constexpr,
     ):
         """Online softmax of the G heads of one KV head over one chunk of its `indices` (the gathered read);
         with STORE_SCORES also every scaled score (natural log domain, -inf where not visible) to SC
         [B, Hkv, G, N]."""
+        _wait_for_producers(PDL)
         # int64 offsets: a long cache can pass 2**31 bytes.
         b = tl.program_id(0).to(tl.int64)
         kvh = tl.program_id(1).to(tl.int64)
@@ -392,11 +393,12 @@ if triton is not None:
         G: tl.constexpr, D: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr,
         HIGH_BITS: tl.constexpr, LOW_BITS: tl.constexpr, HIGH_W: tl.constexpr, LOW_W: tl.constexpr,
         HIGH_OFFSET: tl.constexpr, LOW_OFFSET: tl.constexpr, HIGH_PTX: tl.constexpr, LOW_PTX: tl.constexpr,
-        HIGH_SPLIT: tl.constexpr, LOW_SPLIT: tl.constexpr, DOT_PRECISION: tl.constexpr,
+        HIGH_SPLIT: tl.constexpr, LOW_SPLIT: tl.constexpr, DOT_PRECISION: tl.constexpr, PDL: tl.constexpr,
     ):
         """Online softmax of the G heads of one KV head over its split's share of the high rows, of the low rows
         and (last split) of the buffer rows, streamed in row order: attention does not depend on the order of
         the keys, and every quantized token is visible to a dense decode query."""
+        _wait_for_producers(PDL)
         # int64 only for the (batch, head) bases; offsets within one head's plane or buffer are int32 (rows times
         # row width, below 2**31 up to 16M slots at head dim 128).
         b = tl.program_id(0).to(tl.int64)
@@ -498,8 +500,7 @@ def _ptx_unpack(q: torch.Tensor, bits: int) -> bool:
     """Whether `_split_plane_pass` makes its codes in PTX (`_nibble_at`, `_crumb_at`): bfloat16 on an NVIDIA GPU
     (not ROCm), not under the Triton interpreter. On the H100 (as in the module docstring) 0.231 instead of
     0.243 ms at 4/2 bits, with outputs equal to the bit."""
-    return (q.is_cuda and torch.version.hip is None and q.dtype == torch.bfloat16 and bits in (2, 4)
-            and os.environ.get("TRITON_INTERPRET", "0") != "1")
+    return nvidia_native(q) and q.dtype == torch.bfloat16 and bits in (2, 4)
 
 
 def _planes_args(planes: MixedPrecisionPlanes) -> tuple:
@@ -572,6 +573,7 @@ def quant_decode_attention_triton(q: Tensor, state: ZipCacheState, slot_pos: Ten
                   DOT_PRECISION="ieee" if q.dtype == torch.float32 else None)
     rows = (state.keys.high.scale.shape[1], state.keys.low.scale.shape[1], state.salient_words.shape[2],
             state.key_buffer.shape[2])
+    pdl = dependent_launch(q)
     if indices is None:
         BLOCK_N = _block_rows(BLOCK_D)
         # Each program finds its share of the rows itself (the counts stay on the device).
@@ -586,8 +588,8 @@ def quant_decode_attention_triton(q: Tensor, state: ZipCacheState, slot_pos: Ten
             LOW_OFFSET=_code_offset(q.dtype, state.keys.low.bits),
             HIGH_PTX=_ptx_unpack(q, state.keys.high.bits), LOW_PTX=_ptx_unpack(q, state.keys.low.bits),
             HIGH_SPLIT=_split_by_code(BLOCK_D, state.keys.high.bits),
-            LOW_SPLIT=_split_by_code(BLOCK_D, state.keys.low.bits), **common,
-            num_warps=4, num_stages=2,
+            LOW_SPLIT=_split_by_code(BLOCK_D, state.keys.low.bits), PDL=pdl, **common,
+            num_warps=4, num_stages=2, launch_pdl=pdl,
         )
     else:
         BLOCK_N = _block_slots(BLOCK_D)
@@ -599,8 +601,8 @@ def quant_decode_attention_triton(q: Tensor, state: ZipCacheState, slot_pos: Ten
             q, *_planes_args(state.keys), *_planes_args(state.values),
             state.salient_words, state.salient_rank, state.quantized, state.key_buffer, state.value_buffer,
             slot_pos, q_pos, indices, ws, scores if return_scores else ws, *q.stride(), *slot_pos.stride(), N,
-            chunk_len, *rows, scale * _LOG2E, BLOCK_N=BLOCK_N, STORE_SCORES=return_scores, **common,
-            num_warps=4, num_stages=2,
+            chunk_len, *rows, scale * _LOG2E, BLOCK_N=BLOCK_N, STORE_SCORES=return_scores, PDL=pdl, **common,
+            num_warps=4, num_stages=2, launch_pdl=pdl,
         )
     lse = torch.empty(B, Hq, device=q.device, dtype=torch.float32) if return_lse else None
     merge_splits(ws, out, splits, lse)

@@ -22,8 +22,8 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from kvcompile.ops.triton_decode import (_LOG2E, _choose_splits, _launch_config, _num_sms, merge_splits,
-                                         triton_available)
+from kvcompile.ops.triton_decode import (_LOG2E, _choose_splits, _launch_config, _num_sms, dependent_launch,
+                                         merge_splits, triton_available)
 
 try:
     import triton
@@ -36,7 +36,7 @@ __all__ = ["decode_over_slots", "select_decode_step", "sparse_decode_step", "tok
 
 
 if triton is not None:
-    from kvcompile.ops.triton_decode import _query_group, _softmax_step, _store_partials
+    from kvcompile.ops.triton_decode import _query_group, _softmax_step, _store_partials, _wait_for_producers
 
     @triton.jit
     def _slots_split_kernel(
@@ -53,9 +53,10 @@ if triton is not None:
         G: tl.constexpr, D: tl.constexpr,
         BLOCK_G: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr,
         GATHER: tl.constexpr, HAS_QSINK: tl.constexpr, WINDOWED: tl.constexpr, HAS_SKIP: tl.constexpr,
-        STORE_SCORES: tl.constexpr, COMPUTE_OUT: tl.constexpr, DOT_PRECISION: tl.constexpr,
+        STORE_SCORES: tl.constexpr, COMPUTE_OUT: tl.constexpr, DOT_PRECISION: tl.constexpr, PDL: tl.constexpr,
     ):
         """Online softmax of the G heads of one KV head over one chunk of its slot list (+ the new token)."""
+        _wait_for_producers(PDL)
         b = tl.program_id(0).to(tl.int64)
         kvh = tl.program_id(1).to(tl.int64)
         split = tl.program_id(2)
@@ -169,6 +170,7 @@ def decode_over_slots(q: Tensor, q_sink: Optional[Tensor], k_new: Tensor, v_new:
     idx = indices if indices is not None else slot_pos  # any tensor; unused when not gathering
     idx_strides = indices.stride() if indices is not None else (0, 0, 0)
     flag = skip if skip is not None else q_pos
+    pdl = dependent_launch(q)
 
     _slots_split_kernel[(B, Hkv, splits)](
         q, qs, k_new, v_new, k_cache, v_cache, slot_pos, q_pos, idx, flag, ws,
@@ -179,8 +181,8 @@ def decode_over_slots(q: Tensor, q_sink: Optional[Tensor], k_new: Tensor, v_new:
         G=G, D=D, BLOCK_G=BLOCK_G, BLOCK_D=BLOCK_D, BLOCK_N=BLOCK_N,
         GATHER=indices is not None, HAS_QSINK=q_sink is not None, WINDOWED=window_tokens > 0,
         HAS_SKIP=skip is not None, STORE_SCORES=scores, COMPUTE_OUT=compute_out,
-        DOT_PRECISION="ieee" if q.dtype == torch.float32 else None,
-        num_warps=num_warps, num_stages=num_stages,
+        DOT_PRECISION="ieee" if q.dtype == torch.float32 else None, PDL=pdl,
+        num_warps=num_warps, num_stages=num_stages, launch_pdl=pdl,
     )
     if compute_out:
         merge_splits(ws, out, splits, lse)
