@@ -20,8 +20,8 @@ if not isinstance(triton.language.standard.zeros, InterpretedFunction):
 
 from kvcompile.ops.sparse_attention import (attend_per_head, gather_slots, slot_positions,  # noqa: E402
                                             tokenselect_choice, topk_slots)
-from kvcompile.ops.triton_sparse_decode import (decode_over_slots, select_decode_step, sparse_decode_step,  # noqa: E402
-                                                tokenselect_step)
+from kvcompile.ops.triton_sparse_decode import (decode_over_slots, group_mass, select_decode_step,  # noqa: E402
+                                                sparse_decode_step, tokenselect_step)
 
 SINKS, WINDOW = 3, 12
 
@@ -124,22 +124,17 @@ def test_scores_only_and_skipped_rows():
                           raw[visible[:, None].expand(-1, 6, -1)], atol=1e-5)
 
 
-@pytest.mark.parametrize("rows,n,k", [(3, 50, 8), (2, 3000, 100), (2, 5, 8)], ids=["small", "large", "k-above-n"])
-def test_topk_slots_matches_torch(rows, n, k):
-    scores = torch.randn(rows, n, generator=torch.Generator().manual_seed(n))
-    scores[0, :3] = float("-inf")
-    scores[1, 1] = -1e30  # finite however small
-    take = min(k, n)
-    ref_values, ref_indices = scores.topk(take, dim=-1)
-    ref = torch.where(ref_values > float("-inf"), ref_indices, 99)  # -inf slots point at the scratch slot
-    indices = topk_slots(scores, k, 99)
-    assert torch.equal(indices[:, :take], ref)
-    assert torch.equal(indices[:, take:], torch.full((rows, k - take), 99))
-
-
-def test_topk_slots_prefers_the_lower_slot_on_ties():
-    scores = torch.tensor([[1.0, 3.0, 3.0, 0.0, 3.0], [0.0, -0.0, 0.0, -1.0, 0.0]])
-    assert topk_slots(scores, 2, 9).tolist() == [[1, 2], [0, 1]]
+def test_group_mass_sums_each_groups_probabilities():
+    gen = torch.Generator().manual_seed(3)
+    B, Hkv, G, N = 2, 3, 3, 1500  # more than one block of slots
+    scores = torch.randn(B, Hkv, G, N, generator=gen) * 3
+    scores[torch.rand(B, Hkv, G, N, generator=gen) < 0.3] = float("-inf")
+    scores[:, :, :, :10] = float("-inf")  # seen by no head
+    scores[1, 2, 0] = float("-inf")  # a head that sees nothing (log-sum-exp -inf)
+    lse = torch.logsumexp(scores, dim=-1).reshape(B, Hkv * G)
+    probs = torch.exp(scores - lse.view(B, Hkv, G, 1)).nan_to_num(0.0)
+    expected = probs.sum(2).masked_fill((scores == float("-inf")).all(2), float("-inf"))
+    assert torch.allclose(group_mass(scores, lse), expected, rtol=1e-5, atol=1e-7)
 
 
 def _as_op_args(s):
@@ -182,4 +177,4 @@ def test_tokenselect_fast_path_matches_definition_with_the_selection_cache():
                                  *states[1], *args)
         assert torch.equal(fast.sort(-1).values, ref.sort(-1).values)
         assert torch.equal(states[0][1].sort(-1).values, states[1][1].sort(-1).values)
-    assert torch.equal(topk_slots(torch.tensor([[1.0, float("-inf")]]), 3, 9), torch.tensor([[0, 9, 9]]))
+

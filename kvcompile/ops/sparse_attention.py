@@ -51,19 +51,26 @@ _NEG_INF_KEY = -0x7F800001  # the order-preserving bits of -inf
 
 def topk_slots(scores: Tensor, k: int, scratch: int) -> Tensor:
     """The `k` slots with the highest `scores` [..., N] (-inf = not selectable), as int64 [..., k], equal scores
-    by the lower slot.
+    by the lower slot; in no particular order (attention does not depend on it).
 
-    Slots without a finite score, and the tail when fewer than `k` slots exist, point at `scratch`. One
-    `torch.topk` over int64 keys that order like (score, -slot): the float's bits made order-preserving, then the
-    inverted slot. On the H100 (64 rows of 32k, k 2,048) it took 0.35 ms, 2.2x faster than the Triton block
-    top-k it replaced (0.76 ms; a one-off microbenchmark).
+    Slots without a finite score, and the tail when fewer than `k` slots exist, point at `scratch`. On CUDA one
+    unsorted `torch.topk` of the float scores: its radix select takes the lowest indices among the values
+    equal to the k-th (`tests/test_topk_slots.py` checks this against the packed keys below on a GPU). In
+    the compiled tidaldecode step on the H100 (64 rows of 32k, k 2,048; `benchmarks/profile_step.py`) that
+    took ~70 instead of ~150 µs a call: half the radix passes and no sort. Elsewhere one `torch.topk` over
+    int64 keys that order like (score, -slot): the float's bits made order-preserving, then the inverted slot.
     """
     n = scores.shape[-1]
     take = min(k, n)
-    bits = (scores.float() + 0.0).contiguous().view(torch.int32)  # + 0.0: -0.0 becomes 0.0, an equal score
-    ordered = (bits ^ ((bits >> 31) & 0x7FFFFFFF)).long()
-    top = ((ordered << 32) | (_LOW - torch.arange(n, device=scores.device))).topk(take, dim=-1).values
-    idx = torch.where((top >> 32) > _NEG_INF_KEY, _LOW - (top & 0xFFFFFFFF), scratch)
+    scores = scores.float() + 0.0  # -0.0 becomes 0.0, an equal score
+    if scores.is_cuda:
+        values, idx = scores.topk(take, dim=-1, sorted=False)
+        idx = torch.where(values > NEG_INF, idx, scratch)
+    else:
+        bits = scores.contiguous().view(torch.int32)
+        ordered = (bits ^ ((bits >> 31) & 0x7FFFFFFF)).long()
+        top = ((ordered << 32) | (_LOW - torch.arange(n, device=scores.device))).topk(take, dim=-1).values
+        idx = torch.where((top >> 32) > _NEG_INF_KEY, _LOW - (top & 0xFFFFFFFF), scratch)
     if take < k:
         idx = torch.cat([idx, idx.new_full((*idx.shape[:-1], k - take), scratch)], dim=-1)
     return idx

@@ -33,8 +33,10 @@ from kvcompile.ops import decode
 from kvcompile.ops.cached_attention import cache_slots
 from kvcompile.ops.quantization import (ZipCacheState, dequantize_state, normalized_attention_saliency, probe_count,
                                         probe_queries, quantize_into, salient_allowance, select_salient, state_of)
-from kvcompile.ops.sparse_attention import attend_per_head, gather_slots, select_by_attention, slot_positions
+from kvcompile.ops.sparse_attention import (attend_per_head, gather_slots, select_by_attention, slot_positions,
+                                            topk_slots)
 from kvcompile.ops.triton_quant_decode import quant_decode_attention_triton
+from kvcompile.ops.triton_sparse_decode import group_mass
 
 
 # --- probe queries -------------------------------------------------------------------------------------------
@@ -148,8 +150,8 @@ def _decode(q: Tensor, k: Tensor, v: Tensor, state: ZipCacheState, slot_pos: Ten
         out, lse, scores = quant_decode_attention_triton(q[:, :, 0], state, slot_pos, positions[:, 0], scale,
                                                          indices=every, return_lse=True, return_scores=True)
         out = out[:, :, None]
-        probs = torch.exp(scores - lse.view(batch, kv_heads, -1, 1))[:, :, :, None]
-        chosen = select_by_attention(probs.nan_to_num(0.0), cached, num_selected, slots - 1)
+        mass = group_mass(scores, lse).masked_fill(~cached[:, None, :], float("-inf"))
+        chosen = topk_slots(mass, num_selected, slots - 1)
     elif _use_kernel(q):
         out, lse = quant_decode_attention_triton(q[:, :, 0], state, slot_pos, positions[:, 0], scale,
                                                  indices=None if read is None else read.contiguous(),
