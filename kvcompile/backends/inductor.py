@@ -1,10 +1,13 @@
 """`inductor`: torch.compile of the rewritten graph, whole graph, static shapes; CUDA graphs for decode on GPU."""
 from __future__ import annotations
 
+import copy
 from typing import Optional
 
 import torch
 from torch import fx
+
+from kvcompile.ops import skinny_linear  # noqa: F401  (registers kvcompile::skinny_linear)
 
 
 def new_tokens_per_row(module: fx.GraphModule) -> Optional[int]:
@@ -66,20 +69,39 @@ class CUDAGraphStep:
         return out.clone()
 
 
+def with_skinny_products(module: fx.GraphModule) -> fx.GraphModule:
+    """A copy of the step whose `aten.linear` products call `kvcompile::skinny_linear` (the decode step's few
+    rows: a Triton kernel that takes part in dependent launch; see `kvcompile.ops.skinny_linear`). The copy
+    shares `module`'s submodules, parameters and buffers, so a cache re-allocated on `module` is the copy's
+    too; `module` itself, which the exporters read, is left as it is."""
+    graph = copy.deepcopy(module.graph)
+    for node in graph.nodes:
+        if node.op == "call_function" and node.target == torch.ops.aten.linear.default and not node.kwargs:
+            x, weight, *bias = node.args
+            node.target = torch.ops.kvcompile.skinny_linear.default
+            node.args = (x, weight, bias[0] if bias else None)
+    routed = fx.GraphModule(module, graph, class_name=type(module).__name__)
+    for name, child in module.named_children():
+        setattr(routed, name, child)
+    return routed
+
+
 def lower(module: fx.GraphModule):
-    """Compile lazily (on first call) with Inductor; on CUDA, replay decode steps as CUDA graphs.
+    """Compile lazily (on first call) with Inductor; on CUDA, replay decode steps as CUDA graphs, with their
+    products through `with_skinny_products`.
 
     Only the one-token step is graph-captured: its work per call is small and launch-bound. Prefill chunks run
     compiled without graphs (their kernels are long, and a graph would pin the chunk's activations in memory).
     """
     on_cuda = any(p.is_cuda for p in module.parameters())
-    # Compile the bound forward: GraphModule.__call__ wraps errors in a way Dynamo cannot trace.
+    decode = on_cuda and new_tokens_per_row(module) == 1
+    if decode:
+        module = with_skinny_products(module)
     # Programmatic dependent launch (Hopper+; Inductor ignores it elsewhere): each kernel is launched while the
     # one before drains and waits on the device for its inputs, as kvcompile's decode kernels do
     # (`triton_decode.dependent_launch`). On the H100 it took streamingllm's step from 7.23 to 7.00 ms (8B
     # shape, batch 8, `benchmarks/decode.py` with TORCHINDUCTOR_ENABLE_PDL=1).
+    # Compile the bound forward: GraphModule.__call__ wraps errors in a way Dynamo cannot trace.
     compiled = torch.compile(module.forward, backend="inductor", fullgraph=True, dynamic=False,
                              options={"triton.enable_pdl": True})
-    if on_cuda and new_tokens_per_row(module) == 1:
-        return CUDAGraphStep(module, compiled)
-    return compiled
+    return CUDAGraphStep(module, compiled) if decode else compiled

@@ -1,0 +1,68 @@
+"""`kvcompile::skinny_linear` (the decode step's products): its Triton kernel against `F.linear` on CPU through
+Triton's interpreter, the op's choice of path, and the Inductor backend's routing of a decode step's products."""
+import os
+
+os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+
+pytest.importorskip("triton")
+
+import kvcompile  # noqa: E402
+from kvcompile.backends.inductor import with_skinny_products  # noqa: E402
+from kvcompile.ops.skinny_linear import MAX_ROWS, skinny_linear, skinny_linear_triton  # noqa: E402
+
+from conftest import tiny_hf_model  # noqa: E402
+
+LINEAR = torch.ops.aten.linear.default
+SKINNY = torch.ops.kvcompile.skinny_linear.default
+
+
+@pytest.mark.parametrize("rows,n,k", [(1, 40, 64), (8, 70, 200), (16, 9000, 96), (3, 5, 300)],
+                         ids=["one-row", "ragged", "wide", "k-over-a-block"])
+@pytest.mark.parametrize("with_bias", [False, True])
+def test_kernel_matches_linear(rows, n, k, with_bias):
+    gen = torch.Generator().manual_seed(rows * n + k)
+    x = torch.randn(rows, 1, k, generator=gen)
+    weight = torch.randn(n, k, generator=gen)
+    bias = torch.randn(n, generator=gen) if with_bias else None
+    out = skinny_linear_triton(x, weight, bias)
+    assert out.shape == (rows, 1, n) and out.dtype == x.dtype
+    assert torch.allclose(out, F.linear(x, weight, bias), rtol=1e-5, atol=1e-4)
+
+
+def test_kernel_keeps_half_precision_and_reads_strided_rows():
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(64, 6, generator=gen).to(torch.float16).t()  # [6, 64], column-major
+    weight = (torch.randn(48, 64, generator=gen) / 8).to(torch.float16)
+    out = skinny_linear_triton(x, weight)
+    assert out.dtype == torch.float16
+    assert torch.allclose(out.float(), F.linear(x.float(), weight.float()), rtol=1e-2, atol=1e-2)
+
+
+def test_kernel_rejects_more_rows_than_one_tile():
+    with pytest.raises(ValueError, match=f"at most {MAX_ROWS} rows"):
+        skinny_linear_triton(torch.randn(MAX_ROWS + 1, 8), torch.randn(4, 8))
+
+
+def test_op_takes_linear_off_cuda():
+    x, weight, bias = torch.randn(4, 1, 16), torch.randn(8, 16), torch.randn(8)
+    assert torch.equal(skinny_linear(x, weight, bias), F.linear(x, weight, bias))
+
+
+def test_decode_step_products_are_routed_in_a_copy_sharing_the_cache():
+    opt = kvcompile.optimize(tiny_hf_model("qwen2"), "dense", prefill_chunk=4)  # biased q/k/v
+    step = opt.steps[1].module
+    routed = with_skinny_products(step)
+    targets = [n.target for n in routed.graph.nodes]
+    assert LINEAR not in targets and targets.count(SKINNY) == [n.target for n in step.graph.nodes].count(LINEAR)
+    assert SKINNY not in [n.target for n in step.graph.nodes]  # the exporters' graph is left alone
+    assert routed.kv_state is step.kv_state
+
+    opt.reserve(2, 16)
+    ids, pos = torch.tensor([[5], [7]]), torch.tensor([[3], [9]])
+    expected = step(ids, pos)
+    opt.reserve(2, 16)  # fresh cache buffers: the copy reads them too
+    assert torch.equal(routed(ids, pos), expected)
