@@ -743,7 +743,8 @@ def plot(results_path: Path, figures: Path):
     import matplotlib.pyplot as plt
 
     rows = [json.loads(line) for line in results_path.read_text().splitlines() if line.strip()]
-    decode_rows = [r for r in rows if r.get("kind") == "decode" and "ms" in r]
+    # Rows of an A/B variant (a "variant" key: the code with one change undone) are not the library's numbers.
+    decode_rows = [r for r in rows if r.get("kind") == "decode" and "ms" in r and "variant" not in r]
     figures.mkdir(parents=True, exist_ok=True)
     for shape in sorted({r["model"] for r in decode_rows}):
         mine = [r for r in decode_rows if r["model"] == shape]
