@@ -42,14 +42,37 @@ def test_kernel_keeps_half_precision_and_reads_strided_rows():
     assert torch.allclose(out.float(), F.linear(x.float(), weight.float()), rtol=1e-2, atol=1e-2)
 
 
-def test_kernel_rejects_more_rows_than_one_tile():
+def test_kernel_takes_a_k_below_one_dot_tile():
+    x, weight = torch.randn(2, 3), torch.randn(5, 3)
+    assert torch.allclose(skinny_linear_triton(x, weight), F.linear(x, weight), rtol=1e-5, atol=1e-5)
+
+
+def test_kernel_rejects_what_it_cannot_read():
     with pytest.raises(ValueError, match=f"at most {MAX_ROWS} rows"):
         skinny_linear_triton(torch.randn(MAX_ROWS + 1, 8), torch.randn(4, 8))
+    with pytest.raises(ValueError, match="bias"):
+        skinny_linear_triton(torch.randn(2, 8), torch.randn(4, 8), torch.randn(8)[::2])  # strided bias
 
 
-def test_op_takes_linear_off_cuda():
+@pytest.fixture
+def kernels_on_cpu(monkeypatch):
+    """The op's kernel path on CPU tensors (the interpreter), as on CUDA."""
+    monkeypatch.setattr("kvcompile.ops.decode.kernels_for", lambda t: True)
+
+
+@pytest.mark.parametrize("case", ["kernel", "strided-bias", "too-many-rows", "empty-k"])
+def test_op_equals_linear_whichever_path_it_takes(kernels_on_cpu, case):
+    gen = torch.Generator().manual_seed(1)
+    rows, k = (MAX_ROWS + 1, 8) if case == "too-many-rows" else (4, 0 if case == "empty-k" else 24)
+    x, weight = torch.randn(rows, 1, k, generator=gen), torch.randn(6, k, generator=gen)
+    bias = torch.randn(12, generator=gen)[::2] if case == "strided-bias" else torch.randn(6, generator=gen)
+    assert torch.allclose(skinny_linear(x, weight, bias), F.linear(x, weight, bias), rtol=1e-5, atol=1e-5)
+
+
+def test_op_registration():
     x, weight, bias = torch.randn(4, 1, 16), torch.randn(8, 16), torch.randn(8)
-    assert torch.equal(skinny_linear(x, weight, bias), F.linear(x, weight, bias))
+    torch.library.opcheck(SKINNY, (x, weight, bias))
+    torch.library.opcheck(SKINNY, (x, weight, None))
 
 
 def test_decode_step_products_are_routed_in_a_copy_sharing_the_cache():
@@ -59,10 +82,13 @@ def test_decode_step_products_are_routed_in_a_copy_sharing_the_cache():
     targets = [n.target for n in routed.graph.nodes]
     assert LINEAR not in targets and targets.count(SKINNY) == [n.target for n in step.graph.nodes].count(LINEAR)
     assert SKINNY not in [n.target for n in step.graph.nodes]  # the exporters' graph is left alone
-    assert routed.kv_state is step.kv_state
 
-    opt.reserve(2, 16)
-    ids, pos = torch.tensor([[5], [7]]), torch.tensor([[3], [9]])
-    expected = step(ids, pos)
-    opt.reserve(2, 16)  # fresh cache buffers: the copy reads them too
-    assert torch.equal(routed(ids, pos), expected)
+    opt.reserve(2, 16)  # fresh cache buffers after the copy was made: the copy must read them
+    for position in range(4):  # fill positions 0-3 through the original
+        step(torch.tensor([[5 + position], [7]]), torch.tensor([[position], [position]]))
+    filled = [b.clone() for b in step.kv_state.buffers()]
+    ids, pos = torch.tensor([[9], [3]]), torch.tensor([[4], [4]])
+    from_copy = routed(ids, pos)  # attends over positions 0-3 only if it reads the original's cache
+    for buffer, saved in zip(step.kv_state.buffers(), filled):
+        buffer.copy_(saved)  # forget position 4 again
+    assert torch.equal(from_copy, step(ids, pos))

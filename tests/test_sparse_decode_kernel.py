@@ -19,7 +19,7 @@ if not isinstance(triton.language.standard.zeros, InterpretedFunction):
                 "select its interpreter", allow_module_level=True)
 
 from kvcompile.ops.sparse_attention import (attend_per_head, gather_slots, slot_positions,  # noqa: E402
-                                            tokenselect_choice, topk_slots)
+                                            tokenselect_choice)
 from kvcompile.ops.triton_sparse_decode import (decode_over_slots, group_mass, select_decode_step,  # noqa: E402
                                                 sparse_decode_step, tokenselect_step)
 
@@ -177,4 +177,3 @@ def test_tokenselect_fast_path_matches_definition_with_the_selection_cache():
                                  *states[1], *args)
         assert torch.equal(fast.sort(-1).values, ref.sort(-1).values)
         assert torch.equal(states[0][1].sort(-1).values, states[1][1].sort(-1).values)
-

@@ -71,15 +71,17 @@ class CUDAGraphStep:
 
 def with_skinny_products(module: fx.GraphModule) -> fx.GraphModule:
     """A copy of the step whose `aten.linear` products call `kvcompile::skinny_linear` (the decode step's few
-    rows: a Triton kernel that takes part in dependent launch; see `kvcompile.ops.skinny_linear`). The copy
-    shares `module`'s submodules, parameters and buffers, so a cache re-allocated on `module` is the copy's
-    too; `module` itself, which the exporters read, is left as it is."""
+    rows: a Triton kernel that takes part in dependent launch; see `kvcompile.ops.skinny_linear`). The copy's
+    submodules are `module`'s own, so the cache state (`kv_state`), which `reserve` re-allocates, is shared;
+    tensors held directly by `module` (the fused projections' weights, set once when the program is built)
+    are shared as they are now. `module` itself, which the exporters read, is left as it is."""
     graph = copy.deepcopy(module.graph)
     for node in graph.nodes:
-        if node.op == "call_function" and node.target == torch.ops.aten.linear.default and not node.kwargs:
+        if node.op == "call_function" and node.target == torch.ops.aten.linear.default:
             x, weight, *bias = node.args
             node.target = torch.ops.kvcompile.skinny_linear.default
-            node.args = (x, weight, bias[0] if bias else None)
+            node.args = (x, weight, bias[0] if bias else node.kwargs.get("bias"))
+            node.kwargs = {}
     routed = fx.GraphModule(module, graph, class_name=type(module).__name__)
     for name, child in module.named_children():
         setattr(routed, name, child)
@@ -99,7 +101,7 @@ def lower(module: fx.GraphModule):
         module = with_skinny_products(module)
     # Programmatic dependent launch (Hopper+; Inductor ignores it elsewhere): each kernel is launched while the
     # one before drains and waits on the device for its inputs, as kvcompile's decode kernels do
-    # (`triton_decode.dependent_launch`). On the H100 it took streamingllm's step from 7.23 to 7.00 ms (8B
+    # (`kvcompile.ops.dependent_launch`). On the H100 it took streamingllm's step from 7.23 to 7.00 ms (8B
     # shape, batch 8, `benchmarks/decode.py` with TORCHINDUCTOR_ENABLE_PDL=1).
     # Compile the bound forward: GraphModule.__call__ wraps errors in a way Dynamo cannot trace.
     compiled = torch.compile(module.forward, backend="inductor", fullgraph=True, dynamic=False,

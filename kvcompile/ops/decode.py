@@ -15,7 +15,8 @@ from torch import Tensor
 
 from kvcompile.ops.cached_attention import write_cache
 from kvcompile.ops.decode_reference import decode_attention_reference
-from kvcompile.ops.triton_decode import decode_attention_triton, dependent_launch, triton_available
+from kvcompile.ops.dependent_launch import dependent_launch
+from kvcompile.ops.triton_decode import decode_attention_triton, triton_available
 
 try:
     import triton
@@ -55,7 +56,7 @@ def reference_attention() -> Iterator[None]:
 
 
 if triton is not None:
-    from kvcompile.ops.triton_decode import _wait_for_producers
+    from kvcompile.ops.dependent_launch import wait_for_producers
 
     @triton.jit
     def _write_token_kernel(
@@ -69,7 +70,7 @@ if triton is not None:
         D: tl.constexpr, BLOCK_D: tl.constexpr, WINDOWED: tl.constexpr, PDL: tl.constexpr,
     ):
         """Store the new key/value of one (row, kv head) in its slot; kv head 0 also stores the position."""
-        _wait_for_producers(PDL)
+        wait_for_producers(PDL)
         b = tl.program_id(0).to(tl.int64)
         h = tl.program_id(1).to(tl.int64)
         p = tl.load(POS + b * stride_pb).to(tl.int64)

@@ -24,7 +24,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from kvcompile.ops import decode
-from kvcompile.ops.triton_decode import dependent_launch
+from kvcompile.ops.dependent_launch import dependent_launch
 
 try:
     import triton
@@ -34,18 +34,18 @@ except ImportError:  # the op then always takes F.linear
 
 __all__ = ["MAX_ROWS", "skinny_linear", "skinny_linear_triton"]
 
-MAX_ROWS = 16  # one dot tile of rows (tl.dot needs at least 16)
+MAX_ROWS = 16  # one tile of rows: a decode step's batch; more rows are a product cuBLAS serves well
 
 
 if triton is not None:
-    from kvcompile.ops.triton_decode import _wait_for_producers
+    from kvcompile.ops.dependent_launch import wait_for_producers
 
     @triton.jit
     def _skinny_linear_kernel(X, W, BIAS, Y, M, N, K, stride_xm, stride_xk, stride_ym,
                               HAS_BIAS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                               BLOCK_K: tl.constexpr, DOT_PRECISION: tl.constexpr, PDL: tl.constexpr):
         """Y[:, cols] = X @ W[cols].T (+ bias) for one block of `BLOCK_N` output columns, all M rows."""
-        _wait_for_producers(PDL)
+        wait_for_producers(PDL)
         offs_m = tl.arange(0, BLOCK_M)
         offs_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
         offs_k = tl.arange(0, BLOCK_K)
@@ -59,41 +59,43 @@ if triton is not None:
             x = tl.load(x_ptrs + k0 * stride_xk, mask=m_mask[:, None] & k_mask[None, :], other=0.0)
             w = tl.load(w_ptrs + k0, mask=n_mask[:, None] & k_mask[None, :], other=0.0)
             acc = tl.dot(x, tl.trans(w), acc, input_precision=DOT_PRECISION)
+        if HAS_BIAS:
+            acc += tl.load(BIAS + offs_n, mask=n_mask, other=0.0).to(tl.float32)[None, :]
         if PDL:
             # Every read is done: the next kernel may launch (it waits for this one to finish before reading).
             tl.extra.cuda.gdc_launch_dependents()
-        if HAS_BIAS:
-            acc += tl.load(BIAS + offs_n, mask=n_mask, other=0.0).to(tl.float32)[None, :]
         tl.store(Y + offs_m[:, None] * stride_ym + offs_n[None, :], acc.to(Y.dtype.element_ty),
                  mask=m_mask[:, None] & n_mask[None, :])
 
 
-def _launch_shape(n: int, k: int) -> tuple[int, int, int, int]:
-    """(BLOCK_N, BLOCK_K, num_warps, num_stages): the best of a sweep on the H100 (bf16, 8 rows) for the 8B
-    shape's products, 32 columns a program below 8,192 outputs (q/k/v, o, down) and 64 above (gate/up)."""
+def _launch_shape(n: int) -> tuple[int, int, int, int]:
+    """(BLOCK_N, BLOCK_K, num_warps, num_stages) for `n` outputs: the best of a sweep on the H100 (bf16, 8 rows)
+    for the 8B shape's products, 32 columns a program below 8,192 outputs (q/k/v, o, down) and 64 above
+    (gate/up)."""
     return (64, 128, 4, 3) if n >= 8192 else (32, 256, 4, 4)
 
 
 def skinny_linear_triton(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None) -> Tensor:
-    """`F.linear(x, weight, bias)` through the Triton kernel: `x` [..., K] with at most `MAX_ROWS` rows in
-    all, `weight` [N, K] (contiguous), `bias` [N] or None; the result has x's dtype."""
+    """`F.linear(x, weight, bias)` through the Triton kernel: `x` [..., K] (K >= 1) with at most `MAX_ROWS`
+    rows in all, `weight` [N, K] and `bias` [N] or None, both contiguous; the result has x's dtype."""
     if triton is None:
         raise ImportError("skinny_linear_triton needs Triton: pip install triton")
     *lead, k = x.shape
     n = weight.shape[0]
+    if not _fits(x, weight, bias):
+        raise ValueError(f"skinny_linear_triton takes at most {MAX_ROWS} rows, K >= 1 and a contiguous [N, {k}] "
+                         f"weight and [N] bias, got x {tuple(x.shape)}, weight {tuple(weight.shape)}"
+                         + ("" if bias is None else f", bias {tuple(bias.shape)}"))
     rows = x.reshape(-1, k)
-    if rows.shape[0] > MAX_ROWS or weight.shape[1] != k or not weight.is_contiguous():
-        raise ValueError(f"skinny_linear_triton takes at most {MAX_ROWS} rows and a contiguous [N, {k}] weight, "
-                         f"got x {tuple(x.shape)} and weight {tuple(weight.shape)}")
     out = torch.empty(rows.shape[0], n, device=x.device, dtype=x.dtype)
     if out.numel() == 0:
         return out.view(*lead, n)
-    block_n, block_k, num_warps, num_stages = _launch_shape(n, k)
+    block_n, block_k, num_warps, num_stages = _launch_shape(n)
     pdl = dependent_launch(x)
     _skinny_linear_kernel[(triton.cdiv(n, block_n),)](
         rows, weight, bias if bias is not None else weight, out, rows.shape[0], n, k, *rows.stride(),
         out.stride(0), HAS_BIAS=bias is not None, BLOCK_M=MAX_ROWS, BLOCK_N=block_n,
-        BLOCK_K=min(block_k, triton.next_power_of_2(k)),
+        BLOCK_K=max(16, min(block_k, triton.next_power_of_2(k))),  # a dot's K is at least 16
         DOT_PRECISION="ieee" if x.dtype == torch.float32 else None, PDL=pdl,
         num_warps=num_warps, num_stages=num_stages, launch_pdl=pdl)
     return out.view(*lead, n)
@@ -102,12 +104,21 @@ def skinny_linear_triton(x: Tensor, weight: Tensor, bias: Optional[Tensor] = Non
 @torch.library.custom_op("kvcompile::skinny_linear", mutates_args=())
 def skinny_linear(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None) -> Tensor:
     """`F.linear(x, weight, bias)`; through `skinny_linear_triton` where `decode.kernels_for(x)` allows the
-    kernels, x has at most `MAX_ROWS` rows and the operands share its dtype."""
-    rows = x.numel() // max(x.shape[-1], 1)
+    kernels, the operands share x's dtype and fit the kernel (see there)."""
     same_dtype = weight.dtype == x.dtype and (bias is None or bias.dtype == x.dtype)
-    if decode.kernels_for(x) and rows <= MAX_ROWS and same_dtype and weight.is_contiguous():
+    if decode.kernels_for(x) and same_dtype and _fits(x, weight, bias):
         return skinny_linear_triton(x, weight, bias)
     return F.linear(x, weight, bias)
+
+
+def _fits(x: Tensor, weight: Tensor, bias: Optional[Tensor]) -> bool:
+    """Whether the kernel takes these operands: at most `MAX_ROWS` rows, K >= 1, a contiguous [N, K] weight
+    and a contiguous [N] bias or none."""
+    k = x.shape[-1]
+    rows_ok = k >= 1 and x.numel() // k <= MAX_ROWS
+    weight_ok = weight.dim() == 2 and weight.shape[1] == k and weight.is_contiguous()
+    bias_ok = bias is None or (tuple(bias.shape) == (weight.shape[0],) and bias.is_contiguous())
+    return rows_ok and weight_ok and bias_ok
 
 
 @skinny_linear.register_fake

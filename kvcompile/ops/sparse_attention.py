@@ -53,12 +53,13 @@ def topk_slots(scores: Tensor, k: int, scratch: int) -> Tensor:
     """The `k` slots with the highest `scores` [..., N] (-inf = not selectable), as int64 [..., k], equal scores
     by the lower slot; in no particular order (attention does not depend on it).
 
-    Slots without a finite score, and the tail when fewer than `k` slots exist, point at `scratch`. On CUDA one
-    unsorted `torch.topk` of the float scores: its radix select takes the lowest indices among the values
-    equal to the k-th (`tests/test_topk_slots.py` checks this against the packed keys below on a GPU). In
-    the compiled tidaldecode step on the H100 (64 rows of 32k, k 2,048; `benchmarks/profile_step.py`) that
-    took ~70 instead of ~150 µs a call: half the radix passes and no sort. Elsewhere one `torch.topk` over
-    int64 keys that order like (score, -slot): the float's bits made order-preserving, then the inverted slot.
+    Slots scoring -inf, and the tail when fewer than `k` slots exist, point at `scratch` (NaN scores are not
+    supported). On CUDA one unsorted `torch.topk` of the float scores: its radix select takes the lowest indices
+    among the values equal to the k-th, which PyTorch does not promise (`tests/test_topk_slots.py` checks it
+    against the packed keys below wherever the tests run on a GPU; it held for torch 2.11 on the H100). In the
+    compiled tidaldecode step on the H100 (64 rows of 32k, k 2,048; `benchmarks/profile_step.py`) that took ~70
+    instead of ~150 µs a call: half the radix passes and no sort. Elsewhere one `torch.topk` over int64 keys
+    that order like (score, -slot): the float's bits made order-preserving, then the inverted slot.
     """
     n = scores.shape[-1]
     take = min(k, n)

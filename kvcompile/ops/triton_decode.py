@@ -15,9 +15,10 @@ from __future__ import annotations
 
 import functools
 import math
-import os
 
 import torch
+
+from kvcompile.ops.dependent_launch import dependent_launch
 
 try:
     import triton
@@ -39,15 +40,7 @@ def triton_available() -> bool:
 
 
 if triton is not None:
-
-    @triton.jit
-    def _wait_for_producers(PDL: tl.constexpr):
-        """With programmatic dependent launch (`launch_pdl`): wait until the kernels before this one have
-        finished and their writes are visible. The first statement of every decode kernel here, so such a
-        kernel can be launched while its producer drains and start the moment it ends. These kernels never
-        signal their own dependents early, so a kernel after one starts only once it has finished."""
-        if PDL:
-            tl.extra.cuda.gdc_wait()
+    from kvcompile.ops.dependent_launch import wait_for_producers
 
     @triton.jit
     def _query_group(Q, b, kvh, stride_qb, stride_qh, stride_qd,
@@ -102,7 +95,7 @@ if triton is not None:
         HAS_QSINK: tl.constexpr, WINDOWED: tl.constexpr, DOT_PRECISION: tl.constexpr, PDL: tl.constexpr,
     ):
         """Online softmax of the G heads of one kv head over one chunk of slots."""
-        _wait_for_producers(PDL)
+        wait_for_producers(PDL)
         # int64 base offsets: a large cache can pass 2**31 elements.
         b = tl.program_id(0).to(tl.int64)
         kvh = tl.program_id(1).to(tl.int64)
@@ -152,7 +145,7 @@ if triton is not None:
     ):
         """Merge the split partials of one (batch, query head) row into the output; with STORE_LSE also store
         the row's natural log-sum-exp of the scaled scores (-inf when nothing was visible)."""
-        _wait_for_producers(PDL)
+        wait_for_producers(PDL)
         row = tl.program_id(0)
         offs_s = tl.arange(0, BLOCK_S)
         offs_d = tl.arange(0, BLOCK_D)
@@ -190,24 +183,6 @@ def merge_splits(ws: torch.Tensor, out: torch.Tensor, splits: int, lse: torch.Te
         D=head_dim, BLOCK_S=triton.next_power_of_2(splits), BLOCK_D=triton.next_power_of_2(head_dim),
         STORE_LSE=lse is not None, PDL=pdl, num_warps=4, launch_pdl=pdl,
     )
-
-
-def nvidia_native(t: torch.Tensor) -> bool:
-    """Whether kernels for `t` are compiled for an NVIDIA GPU (not ROCm, not the Triton interpreter): where
-    inline PTX and grid dependency control exist."""
-    return t.is_cuda and torch.version.hip is None and os.environ.get("TRITON_INTERPRET", "0") != "1"
-
-
-def dependent_launch(t: torch.Tensor) -> bool:
-    """Whether the decode kernels for `t` launch with programmatic dependent launch (their `PDL=` and
-    `launch_pdl=`): NVIDIA Hopper or later. In the compiled decode step the kernels before and after ours are
-    mostly Inductor's, which take part too (`kvcompile.backends.inductor`)."""
-    return nvidia_native(t) and _compute_capability(t.device)[0] >= 9
-
-
-@functools.lru_cache(maxsize=None)
-def _compute_capability(device: torch.device) -> tuple[int, int]:
-    return torch.cuda.get_device_capability(device)
 
 
 @functools.lru_cache(maxsize=None)

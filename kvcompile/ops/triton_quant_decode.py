@@ -41,8 +41,8 @@ import torch
 from torch import Tensor
 
 from kvcompile.ops.quantization import MixedPrecisionPlanes, ZipCacheState
-from kvcompile.ops.triton_decode import (_LOG2E, _MAX_SPLITS, _choose_splits, _num_sms, dependent_launch,
-                                         merge_splits, nvidia_native, triton_available)
+from kvcompile.ops.dependent_launch import dependent_launch, nvidia_native
+from kvcompile.ops.triton_decode import _LOG2E, _MAX_SPLITS, _choose_splits, _num_sms, merge_splits, triton_available
 
 try:
     import triton
@@ -56,7 +56,8 @@ _DENSE_PROGRAMS_PER_SM = 16  # see `_dense_splits`
 
 
 if triton is not None:
-    from kvcompile.ops.triton_decode import _query_group, _softmax_step, _store_partials, _wait_for_producers
+    from kvcompile.ops.dependent_launch import wait_for_producers
+    from kvcompile.ops.triton_decode import _query_group, _softmax_step, _store_partials
 
     @triton.jit
     def _popcount31(x):
@@ -98,7 +99,7 @@ if triton is not None:
         """Online softmax of the G heads of one KV head over one chunk of its `indices` (the gathered read);
         with STORE_SCORES also every scaled score (natural log domain, -inf where not visible) to SC
         [B, Hkv, G, N]."""
-        _wait_for_producers(PDL)
+        wait_for_producers(PDL)
         # int64 offsets: a long cache can pass 2**31 bytes.
         b = tl.program_id(0).to(tl.int64)
         kvh = tl.program_id(1).to(tl.int64)
@@ -398,7 +399,7 @@ if triton is not None:
         """Online softmax of the G heads of one KV head over its split's share of the high rows, of the low rows
         and (last split) of the buffer rows, streamed in row order: attention does not depend on the order of
         the keys, and every quantized token is visible to a dense decode query."""
-        _wait_for_producers(PDL)
+        wait_for_producers(PDL)
         # int64 only for the (batch, head) bases; offsets within one head's plane or buffer are int32 (rows times
         # row width, below 2**31 up to 16M slots at head dim 128).
         b = tl.program_id(0).to(tl.int64)

@@ -23,8 +23,9 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from kvcompile.ops.triton_decode import (_LOG2E, _choose_splits, _launch_config, _num_sms, dependent_launch,
-                                         merge_splits, triton_available)
+from kvcompile.ops.dependent_launch import dependent_launch
+from kvcompile.ops.triton_decode import (_LOG2E, _choose_splits, _launch_config, _num_sms, merge_splits,
+                                         triton_available)
 
 try:
     import triton
@@ -37,7 +38,8 @@ __all__ = ["decode_over_slots", "group_mass", "select_decode_step", "sparse_deco
 
 
 if triton is not None:
-    from kvcompile.ops.triton_decode import _query_group, _softmax_step, _store_partials, _wait_for_producers
+    from kvcompile.ops.dependent_launch import wait_for_producers
+    from kvcompile.ops.triton_decode import _query_group, _softmax_step, _store_partials
 
     @triton.jit
     def _slots_split_kernel(
@@ -57,7 +59,7 @@ if triton is not None:
         STORE_SCORES: tl.constexpr, COMPUTE_OUT: tl.constexpr, DOT_PRECISION: tl.constexpr, PDL: tl.constexpr,
     ):
         """Online softmax of the G heads of one KV head over one chunk of its slot list (+ the new token)."""
-        _wait_for_producers(PDL)
+        wait_for_producers(PDL)
         b = tl.program_id(0).to(tl.int64)
         kvh = tl.program_id(1).to(tl.int64)
         split = tl.program_id(2)
@@ -129,7 +131,7 @@ if triton is not None:
                            PDL: tl.constexpr):
         """For one (row, KV head) and a block of slots: the attention probabilities `exp(score - lse)` of the
         group's G query heads, summed; -inf where no head sees the slot (every score -inf)."""
-        _wait_for_producers(PDL)
+        wait_for_producers(PDL)
         group = tl.program_id(0).to(tl.int64)  # row * Hkv + KV head; its heads are rows group * G + g
         offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
         offs_g = tl.arange(0, BLOCK_G)
