@@ -75,6 +75,22 @@ def test_op_registration():
     torch.library.opcheck(SKINNY, (x, weight, None))
 
 
+class _Marked(torch.Tensor):
+    """A tensor subclass standing in for a quantized weight."""
+
+
+def test_products_over_a_tensor_subclass_keep_their_linear():
+    root = torch.nn.Module()
+    root.plain = torch.nn.Parameter(torch.randn(4, 8))
+    root.marked = torch.nn.Parameter(torch.randn(4, 8).as_subclass(_Marked))
+    graph = torch.fx.Graph()
+    x = graph.placeholder("x")
+    products = [graph.call_function(LINEAR, (x, graph.get_attr(name))) for name in ("plain", "marked")]
+    graph.output(tuple(products))
+    routed = with_skinny_products(torch.fx.GraphModule(root, graph))
+    assert [n.target for n in routed.graph.nodes if n.op == "call_function"] == [SKINNY, LINEAR]
+
+
 def test_decode_step_products_are_routed_in_a_copy_sharing_the_cache():
     opt = kvcompile.optimize(tiny_hf_model("qwen2"), "dense", prefill_chunk=4)  # biased q/k/v
     step = opt.steps[1].module

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import copy
+import operator
 from typing import Optional
 
 import torch
@@ -69,9 +70,19 @@ class CUDAGraphStep:
         return out.clone()
 
 
+def _tensor_subclass(module: fx.GraphModule, node) -> bool:
+    """Whether `node` reads an attribute of `module` that holds a tensor subclass (a parameter's data too)."""
+    if not isinstance(node, fx.Node) or node.op != "get_attr":
+        return False
+    value = operator.attrgetter(node.target)(module)
+    data = value.data if isinstance(value, torch.nn.Parameter) else value
+    return isinstance(data, torch.Tensor) and type(data) is not torch.Tensor
+
+
 def with_skinny_products(module: fx.GraphModule) -> fx.GraphModule:
     """A copy of the step whose `aten.linear` products call `kvcompile::skinny_linear` (the decode step's few
-    rows: a Triton kernel that takes part in dependent launch; see `kvcompile.ops.skinny_linear`). The copy's
+    rows: a Triton kernel that takes part in dependent launch; see `kvcompile.ops.skinny_linear`), except
+    products over a tensor subclass (such as a quantized weight), which keep their own linear. The copy's
     submodules are `module`'s own, so the cache state (`kv_state`), which `reserve` re-allocates, is shared;
     tensors held directly by `module` (the fused projections' weights, set once when the program is built)
     are shared as they are now. `module` itself, which the exporters read, is left as it is."""
@@ -79,9 +90,11 @@ def with_skinny_products(module: fx.GraphModule) -> fx.GraphModule:
     for node in graph.nodes:
         if node.op == "call_function" and node.target == torch.ops.aten.linear.default:
             x, weight, *bias = node.args
+            bias = bias[0] if bias else node.kwargs.get("bias")
+            if _tensor_subclass(module, weight) or _tensor_subclass(module, bias):
+                continue  # a quantized weight, say: its own linear, not the plain kernel
             node.target = torch.ops.kvcompile.skinny_linear.default
-            node.args = (x, weight, bias[0] if bias else node.kwargs.get("bias"))
-            node.kwargs = {}
+            node.args, node.kwargs = (x, weight, bias), {}
     routed = fx.GraphModule(module, graph, class_name=type(module).__name__)
     for name, child in module.named_children():
         setattr(routed, name, child)
