@@ -240,41 +240,28 @@ if triton is not None:
     # PTX for `_codes`: a byte permute spreads two bytes of uint8 `x` over the halves of a 32-bit word, and one
     # `lop3` ((w >> shift) & mask | 0x43004300) makes two bfloat16 `128 + code`. Outputs narrower than 32 bits
     # come packed two to a register, the first in the low half; `shift` is a tensor (an asm operand).
-    @triton.jit
-    def _nibble_at(x, shift):
-        """128 + the 4-bit code at bit `shift` of each byte of `x`, as bfloat16 (PTX)."""
-        return tl.inline_asm_elementwise(
-            asm="""
-            {
+    def _code_ptx(mask: str) -> tl.constexpr:
+        return tl.constexpr(f"""
+            {{
             .reg .b32 a, b, z;
             mov.b32 z, 0;
             prmt.b32 a, $2, z, 0x4140;
             prmt.b32 b, $2, z, 0x4342;
             shr.b32 a, a, $3;
             shr.b32 b, b, $3;
-            lop3.b32 $0, a, 0x000F000F, 0x43004300, 0xEA;
-            lop3.b32 $1, b, 0x000F000F, 0x43004300, 0xEA;
-            }
-            """,
-            constraints="=r,=r,r,r,r,r,r", args=[x, shift], dtype=tl.bfloat16, is_pure=True, pack=4)
+            lop3.b32 $0, a, {mask}, 0x43004300, 0xEA;
+            lop3.b32 $1, b, {mask}, 0x43004300, 0xEA;
+            }}
+            """)
+
+    _NIBBLE_PTX = _code_ptx("0x000F000F")  # 4-bit codes
+    _CRUMB_PTX = _code_ptx("0x00030003")  # 2-bit codes
 
     @triton.jit
-    def _crumb_at(x, shift):
-        """128 + the 2-bit code at bit `shift` of each byte of `x`, as bfloat16 (PTX)."""
-        return tl.inline_asm_elementwise(
-            asm="""
-            {
-            .reg .b32 a, b, z;
-            mov.b32 z, 0;
-            prmt.b32 a, $2, z, 0x4140;
-            prmt.b32 b, $2, z, 0x4342;
-            shr.b32 a, a, $3;
-            shr.b32 b, b, $3;
-            lop3.b32 $0, a, 0x00030003, 0x43004300, 0xEA;
-            lop3.b32 $1, b, 0x00030003, 0x43004300, 0xEA;
-            }
-            """,
-            constraints="=r,=r,r,r,r,r,r", args=[x, shift], dtype=tl.bfloat16, is_pure=True, pack=4)
+    def _code_at(x, shift, ASM: tl.constexpr):
+        """128 + the code at bit `shift` of each byte of `x`, as bfloat16, by `_NIBBLE_PTX` or `_CRUMB_PTX`."""
+        return tl.inline_asm_elementwise(asm=ASM, constraints="=r,=r,r,r,r,r,r", args=[x, shift],
+                                         dtype=tl.bfloat16, is_pure=True, pack=4)
 
     @triton.jit
     def _codes(raw, SHIFT: tl.constexpr, BITS: tl.constexpr, OFFSET: tl.constexpr, dtype: tl.constexpr,
@@ -285,9 +272,9 @@ if triton is not None:
         if PTX:
             shift = tl.full(raw.shape, SHIFT, tl.int32)
             if BITS == 4:
-                return _nibble_at(raw, shift)
+                return _code_at(raw, shift, _NIBBLE_PTX)
             else:
-                return _crumb_at(raw, shift)
+                return _code_at(raw, shift, _CRUMB_PTX)
         c = (raw.to(tl.int32) >> SHIFT) & ((1 << BITS) - 1)
         if OFFSET == 128:
             return (c | 0x4300).to(tl.int16).to(tl.bfloat16, bitcast=True)
@@ -498,7 +485,7 @@ def _split_by_code(block_d: int, bits: int) -> bool:
 
 
 def _ptx_unpack(q: torch.Tensor, bits: int) -> bool:
-    """Whether `_split_plane_pass` makes its codes in PTX (`_nibble_at`, `_crumb_at`): bfloat16 on an NVIDIA GPU
+    """Whether `_split_plane_pass` makes its codes in PTX (`_code_at`): bfloat16 on an NVIDIA GPU
     (not ROCm), not under the Triton interpreter. On the H100 (as in the module docstring) 0.231 instead of
     0.243 ms at 4/2 bits, with outputs equal to the bit."""
     return nvidia_native(q) and q.dtype == torch.bfloat16 and bits in (2, 4)
