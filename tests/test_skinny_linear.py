@@ -1,5 +1,6 @@
-"""`kvcompile::skinny_linear` (the decode step's products): its Triton kernel against `F.linear` on CPU through
-Triton's interpreter, the op's choice of path, and the Inductor backend's routing of a decode step's products."""
+"""`kvcompile::skinny_linear` and `kvcompile::skinny_gated_linear` (the decode step's products): their Triton
+kernels against `F.linear` (and silu * up) on CPU through Triton's interpreter, the ops' choice of path, and the
+Inductor backend's routing of a decode step's products."""
 import os
 
 os.environ.setdefault("TRITON_INTERPRET", "1")
@@ -12,12 +13,23 @@ pytest.importorskip("triton")
 
 import kvcompile  # noqa: E402
 from kvcompile.backends.inductor import with_skinny_products  # noqa: E402
-from kvcompile.ops.skinny_linear import MAX_ROWS, skinny_linear, skinny_linear_triton  # noqa: E402
+from kvcompile.ops.skinny_linear import (MAX_ROWS, skinny_gated_linear, skinny_gated_linear_triton,  # noqa: E402
+                                        skinny_linear, skinny_linear_triton)
 
 from conftest import tiny_hf_model  # noqa: E402
 
 LINEAR = torch.ops.aten.linear.default
 SKINNY = torch.ops.kvcompile.skinny_linear.default
+GATED = torch.ops.kvcompile.skinny_gated_linear.default
+
+
+def gated_reference(x, gate_weight, up_weight):
+    """silu(x @ gate.T) * (x @ up.T) computed in float32, rounded to x's dtype after each op as eager rounds."""
+    def rounded(t):
+        return t.to(x.dtype).float()
+    gate = rounded(F.linear(x.float(), gate_weight.float()))
+    up = rounded(F.linear(x.float(), up_weight.float()))
+    return (rounded(F.silu(gate)) * up).to(x.dtype)
 
 
 @pytest.mark.parametrize("rows,n,k", [(1, 40, 64), (8, 70, 200), (16, 9000, 96), (3, 5, 300)],
@@ -54,6 +66,25 @@ def test_kernel_rejects_what_it_cannot_read():
         skinny_linear_triton(torch.randn(2, 8), torch.randn(4, 8), torch.randn(8)[::2])  # strided bias
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("rows,n,k", [(1, 40, 64), (8, 70, 200), (16, 300, 24)], ids=["one-row", "ragged", "narrow-k"])
+def test_gated_kernel_matches_silu_times_up(rows, n, k, dtype):
+    gen = torch.Generator().manual_seed(rows + n + k)
+    x = torch.randn(rows, 1, k, generator=gen).to(dtype)
+    gate_weight, up_weight = ((torch.randn(n, k, generator=gen) / 4).to(dtype) for _ in range(2))
+    out = skinny_gated_linear_triton(x, gate_weight, up_weight)
+    assert out.shape == (rows, 1, n) and out.dtype == dtype
+    tol = 1e-5 if dtype == torch.float32 else 2e-3
+    assert torch.allclose(out.float(), gated_reference(x, gate_weight, up_weight).float(), rtol=tol, atol=tol)
+
+
+def test_gated_kernel_rejects_mismatched_weights():
+    with pytest.raises(ValueError, match="two contiguous"):
+        skinny_gated_linear_triton(torch.randn(2, 8), torch.randn(4, 8), torch.randn(5, 8))
+    with pytest.raises(ValueError, match=f"at most {MAX_ROWS} rows"):
+        skinny_gated_linear_triton(torch.randn(MAX_ROWS + 1, 8), torch.randn(4, 8), torch.randn(4, 8))
+
+
 @pytest.fixture
 def kernels_on_cpu(monkeypatch):
     """The op's kernel path on CPU tensors (the interpreter), as on CUDA."""
@@ -69,10 +100,22 @@ def test_op_equals_linear_whichever_path_it_takes(kernels_on_cpu, case):
     assert torch.allclose(skinny_linear(x, weight, bias), F.linear(x, weight, bias), rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("case", ["kernel", "too-many-rows", "strided-weight"])
+def test_gated_op_equals_silu_times_up_whichever_path_it_takes(kernels_on_cpu, case):
+    gen = torch.Generator().manual_seed(2)
+    rows = MAX_ROWS + 1 if case == "too-many-rows" else 4
+    x = torch.randn(rows, 1, 24, generator=gen)
+    gate_weight = torch.randn(6, 24, generator=gen)
+    up_weight = torch.randn(24, 6, generator=gen).t() if case == "strided-weight" else torch.randn(6, 24, generator=gen)
+    expected = F.silu(F.linear(x, gate_weight)) * F.linear(x, up_weight)
+    assert torch.allclose(skinny_gated_linear(x, gate_weight, up_weight), expected, rtol=1e-5, atol=1e-5)
+
+
 def test_op_registration():
     x, weight, bias = torch.randn(4, 1, 16), torch.randn(8, 16), torch.randn(8)
     torch.library.opcheck(SKINNY, (x, weight, bias))
     torch.library.opcheck(SKINNY, (x, weight, None))
+    torch.library.opcheck(GATED, (x, weight, torch.randn(8, 16)))
 
 
 class _Marked(torch.Tensor):
@@ -108,3 +151,44 @@ def test_decode_step_products_are_routed_in_a_copy_sharing_the_cache():
     for buffer, saved in zip(step.kv_state.buffers(), filled):
         buffer.copy_(saved)  # forget position 4 again
     assert torch.equal(from_copy, step(ids, pos))
+
+
+def _mlp_graph(root: torch.nn.Module, extra_use_of_gate: bool) -> torch.fx.GraphModule:
+    """x -> silu(x @ gate.T) * (x @ up.T) -> @ down.T; optionally the gate product is also an output."""
+    graph = torch.fx.Graph()
+    x = graph.placeholder("x")
+    gate = graph.call_function(LINEAR, (x, graph.get_attr("gate")))
+    up = graph.call_function(LINEAR, (x, graph.get_attr("up")))
+    hidden = graph.call_function(torch.ops.aten.mul.Tensor, (graph.call_function(torch.ops.aten.silu.default,
+                                                                                  (gate,)), up))
+    down = graph.call_function(LINEAR, (hidden, graph.get_attr("down")))
+    graph.output((down, gate) if extra_use_of_gate else down)
+    return torch.fx.GraphModule(root, graph)
+
+
+@pytest.mark.parametrize("extra_use_of_gate", [False, True], ids=["gated", "gate-read-elsewhere"])
+def test_gated_mlp_becomes_one_call(kernels_on_cpu, extra_use_of_gate):
+    root = torch.nn.Module()
+    for name, shape in (("gate", (12, 8)), ("up", (12, 8)), ("down", (8, 12))):
+        root.register_parameter(name, torch.nn.Parameter(torch.randn(*shape)))
+    module = _mlp_graph(root, extra_use_of_gate)
+    routed = with_skinny_products(module)
+    targets = [n.target for n in routed.graph.nodes if n.op == "call_function"]
+    # A gate product read elsewhere too stays a product of its own (its output is needed).
+    assert targets == ([SKINNY, SKINNY, torch.ops.aten.silu.default, torch.ops.aten.mul.Tensor, SKINNY]
+                       if extra_use_of_gate else [GATED, SKINNY])
+    x = torch.randn(3, 8)
+    for got, want in zip(torch.utils._pytree.tree_leaves(routed(x)), torch.utils._pytree.tree_leaves(module(x))):
+        assert torch.allclose(got, want, rtol=1e-5, atol=1e-5)
+
+
+def test_decode_step_gated_mlps_are_fused():
+    opt = kvcompile.optimize(tiny_hf_model("llama", layers=3), "dense", prefill_chunk=4, fuse_projections=False)
+    step = opt.steps[1].module
+    routed = with_skinny_products(step)
+    targets = [n.target for n in routed.graph.nodes]
+    assert targets.count(GATED) == 3 and torch.ops.aten.silu.default not in targets
+    opt.reserve(1, 8)
+    ids, pos = torch.tensor([[3]]), torch.tensor([[0]])
+    from_copy = routed(ids, pos)  # writing the same token at the same position again leaves the cache as it is
+    assert torch.allclose(from_copy, step(ids, pos), rtol=1e-5, atol=1e-5)

@@ -8,7 +8,9 @@ from typing import Optional
 import torch
 from torch import fx
 
-from kvcompile.ops import skinny_linear  # noqa: F401  (registers kvcompile::skinny_linear)
+from kvcompile.ops import skinny_linear  # noqa: F401  (registers its two ops)
+
+aten = torch.ops.aten
 
 
 def new_tokens_per_row(module: fx.GraphModule) -> Optional[int]:
@@ -79,16 +81,48 @@ def _tensor_subclass(module: fx.GraphModule, node) -> bool:
     return isinstance(data, torch.Tensor) and type(data) is not torch.Tensor
 
 
+def _plain_product(module: fx.GraphModule, node, x) -> bool:
+    """Whether `node` is an unbiased `aten.linear` of `x` over a plain tensor, used by one node only."""
+    return (isinstance(node, fx.Node) and node.op == "call_function" and node.target == aten.linear.default
+            and len(node.args) == 2 and not node.kwargs and node.args[0] is x and len(node.users) == 1
+            and not _tensor_subclass(module, node.args[1]))
+
+
+def _gated_products(module: fx.GraphModule, graph: fx.Graph) -> None:
+    """Replace each `silu(linear(x, gate)) * linear(x, up)` (a gated MLP's input side) in `graph` by one
+    `kvcompile::skinny_gated_linear` call: both products in one kernel, the activation and the product in its
+    epilogue."""
+    for mul in list(graph.nodes):
+        if mul.op != "call_function" or mul.target != aten.mul.Tensor or len(mul.args) != 2 or mul.kwargs:
+            continue
+        for silu, up in (mul.args, mul.args[::-1]):
+            if not (isinstance(silu, fx.Node) and silu.target == aten.silu.default and len(silu.users) == 1
+                    and isinstance(up, fx.Node) and up.op == "call_function" and up.args):
+                continue
+            gate, x = silu.args[0], up.args[0]
+            if _plain_product(module, gate, x) and _plain_product(module, up, x):
+                with graph.inserting_before(mul):
+                    fused = graph.call_function(torch.ops.kvcompile.skinny_gated_linear.default,
+                                                (x, gate.args[1], up.args[1]))
+                mul.replace_all_uses_with(fused)
+                for node in (mul, silu, gate, up):
+                    graph.erase_node(node)
+                break
+
+
 def with_skinny_products(module: fx.GraphModule) -> fx.GraphModule:
-    """A copy of the step whose `aten.linear` products call `kvcompile::skinny_linear` (the decode step's few
-    rows: a Triton kernel that takes part in dependent launch; see `kvcompile.ops.skinny_linear`), except
-    products over a tensor subclass (such as a quantized weight), which keep their own linear. The copy's
-    submodules are `module`'s own, so the cache state (`kv_state`), which `reserve` re-allocates, is shared;
-    tensors held directly by `module` (the fused projections' weights, set once when the program is built)
-    are shared as they are now. `module` itself, which the exporters read, is left as it is."""
+    """A copy of the step whose products run as the decode step's few rows want (see
+    `kvcompile.ops.skinny_linear`: Triton kernels that take part in dependent launch): each gated MLP's
+    `silu(linear(x, gate)) * linear(x, up)` calls `kvcompile::skinny_gated_linear`, and the other `aten.linear`
+    products call `kvcompile::skinny_linear`, except products over a tensor subclass (such as a quantized
+    weight), which keep their own linear. The copy's submodules are `module`'s own, so the cache state
+    (`kv_state`), which `reserve` re-allocates, is shared; tensors held directly by `module` (the fused
+    projections' weights, set once when the program is built) are shared as they are now. `module` itself,
+    which the exporters read, is left as it is."""
     graph = copy.deepcopy(module.graph)
+    _gated_products(module, graph)
     for node in graph.nodes:
-        if node.op == "call_function" and node.target == torch.ops.aten.linear.default:
+        if node.op == "call_function" and node.target == aten.linear.default:
             x, weight, *bias = node.args
             bias = bias[0] if bias else node.kwargs.get("bias")
             if _tensor_subclass(module, weight) or _tensor_subclass(module, bias):
