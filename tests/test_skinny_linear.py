@@ -153,33 +153,41 @@ def test_decode_step_products_are_routed_in_a_copy_sharing_the_cache():
     assert torch.equal(from_copy, step(ids, pos))
 
 
-def _mlp_graph(root: torch.nn.Module, extra_use_of_gate: bool) -> torch.fx.GraphModule:
-    """x -> silu(x @ gate.T) * (x @ up.T) -> @ down.T; optionally the gate product is also an output."""
+def _mlp(case: str) -> torch.fx.GraphModule:
+    """x -> silu(x @ gate.T) * (x @ up.T) -> @ down.T, or a variant of it that `case` names."""
+    root = torch.nn.Module()
+    for name, shape in (("gate", (1 if case == "broadcast-gate" else 12, 8)), ("up", (12, 8)), ("down", (8, 12))):
+        root.register_parameter(name, torch.nn.Parameter(torch.randn(*shape)))
     graph = torch.fx.Graph()
     x = graph.placeholder("x")
-    gate = graph.call_function(LINEAR, (x, graph.get_attr("gate")))
-    up = graph.call_function(LINEAR, (x, graph.get_attr("up")))
-    hidden = graph.call_function(torch.ops.aten.mul.Tensor, (graph.call_function(torch.ops.aten.silu.default,
-                                                                                  (gate,)), up))
+    gate_in = graph.call_function(torch.ops.aten.neg.default, (x,)) if case == "other-input" else x
+    gate_args = (gate_in, graph.get_attr("gate")) + ((None,) if case == "explicit-no-bias" else ())
+    gate = graph.call_function(LINEAR, gate_args)
+    up = gate if case == "one-product" else graph.call_function(LINEAR, (x, graph.get_attr("up")))
+    silu = graph.call_function(torch.ops.aten.silu.default, (gate,))
+    operands = (up, silu) if case == "swapped" else (silu, up)
+    hidden = graph.call_function(torch.ops.aten.mul.Tensor, operands)
     down = graph.call_function(LINEAR, (hidden, graph.get_attr("down")))
-    graph.output((down, gate) if extra_use_of_gate else down)
+    graph.output((down, gate) if case == "gate-read-elsewhere" else down)
     return torch.fx.GraphModule(root, graph)
 
 
-@pytest.mark.parametrize("extra_use_of_gate", [False, True], ids=["gated", "gate-read-elsewhere"])
-def test_gated_mlp_becomes_one_call(kernels_on_cpu, extra_use_of_gate):
-    root = torch.nn.Module()
-    for name, shape in (("gate", (12, 8)), ("up", (12, 8)), ("down", (8, 12))):
-        root.register_parameter(name, torch.nn.Parameter(torch.randn(*shape)))
-    module = _mlp_graph(root, extra_use_of_gate)
+@pytest.mark.parametrize("case,fused", [("plain", True), ("swapped", True), ("explicit-no-bias", True),
+                                        ("gate-read-elsewhere", False), ("one-product", False),
+                                        ("other-input", False), ("broadcast-gate", False)])
+def test_gated_mlp_becomes_one_call_only_where_it_is_one(kernels_on_cpu, case, fused):
+    module = _mlp(case)
     routed = with_skinny_products(module)
     targets = [n.target for n in routed.graph.nodes if n.op == "call_function"]
-    # A gate product read elsewhere too stays a product of its own (its output is needed).
-    assert targets == ([SKINNY, SKINNY, torch.ops.aten.silu.default, torch.ops.aten.mul.Tensor, SKINNY]
-                       if extra_use_of_gate else [GATED, SKINNY])
+    assert (GATED in targets) == fused and (torch.ops.aten.silu.default in targets) != fused
     x = torch.randn(3, 8)
     for got, want in zip(torch.utils._pytree.tree_leaves(routed(x)), torch.utils._pytree.tree_leaves(module(x))):
         assert torch.allclose(got, want, rtol=1e-5, atol=1e-5)
+
+
+def test_gated_op_rejects_weights_of_two_shapes():
+    with pytest.raises(ValueError, match="one shape"):
+        skinny_gated_linear(torch.randn(3, 8), torch.randn(1, 8), torch.randn(12, 8))
 
 
 def test_decode_step_gated_mlps_are_fused():

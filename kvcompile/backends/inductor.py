@@ -82,16 +82,28 @@ def _tensor_subclass(module: fx.GraphModule, node) -> bool:
 
 
 def _plain_product(module: fx.GraphModule, node, x) -> bool:
-    """Whether `node` is an unbiased `aten.linear` of `x` over a plain tensor, used by one node only."""
-    return (isinstance(node, fx.Node) and node.op == "call_function" and node.target == aten.linear.default
-            and len(node.args) == 2 and not node.kwargs and node.args[0] is x and len(node.users) == 1
-            and not _tensor_subclass(module, node.args[1]))
+    """Whether `node` is an `aten.linear` of `x` without bias over a plain tensor, used by one node only."""
+    if not (isinstance(node, fx.Node) and node.op == "call_function" and node.target == aten.linear.default
+            and len(node.args) >= 2):
+        return False
+    _, weight, *bias = node.args
+    no_bias = (bias or [node.kwargs.get("bias")])[0] is None and set(node.kwargs) <= {"bias"}
+    return node.args[0] is x and no_bias and len(node.users) == 1 and not _tensor_subclass(module, weight)
+
+
+def _shape(module: fx.GraphModule, node) -> Optional[tuple]:
+    """The shape of the tensor `node` stands for: a module attribute's, else its recorded value's (None if
+    unknown)."""
+    if not isinstance(node, fx.Node):
+        return None
+    value = operator.attrgetter(node.target)(module) if node.op == "get_attr" else node.meta.get("val")
+    return tuple(value.shape) if isinstance(value, torch.Tensor) else None
 
 
 def _gated_products(module: fx.GraphModule, graph: fx.Graph) -> None:
-    """Replace each `silu(linear(x, gate)) * linear(x, up)` (a gated MLP's input side) in `graph` by one
-    `kvcompile::skinny_gated_linear` call: both products in one kernel, the activation and the product in its
-    epilogue."""
+    """Replace each `silu(linear(x, gate)) * linear(x, up)` (a gated MLP's input side; weights of one shape)
+    in `graph` by one `kvcompile::skinny_gated_linear` call: both products in one kernel, the activation and
+    the product in its epilogue."""
     for mul in list(graph.nodes):
         if mul.op != "call_function" or mul.target != aten.mul.Tensor or len(mul.args) != 2 or mul.kwargs:
             continue
@@ -100,14 +112,18 @@ def _gated_products(module: fx.GraphModule, graph: fx.Graph) -> None:
                     and isinstance(up, fx.Node) and up.op == "call_function" and up.args):
                 continue
             gate, x = silu.args[0], up.args[0]
-            if _plain_product(module, gate, x) and _plain_product(module, up, x):
-                with graph.inserting_before(mul):
-                    fused = graph.call_function(torch.ops.kvcompile.skinny_gated_linear.default,
-                                                (x, gate.args[1], up.args[1]))
-                mul.replace_all_uses_with(fused)
-                for node in (mul, silu, gate, up):
-                    graph.erase_node(node)
-                break
+            if not (_plain_product(module, gate, x) and _plain_product(module, up, x)):
+                continue
+            shape = _shape(module, gate.args[1])
+            if shape is None or shape != _shape(module, up.args[1]):
+                continue
+            with graph.inserting_before(mul):
+                fused = graph.call_function(torch.ops.kvcompile.skinny_gated_linear.default,
+                                            (x, gate.args[1], up.args[1]))
+            mul.replace_all_uses_with(fused)
+            for node in (mul, silu, gate, up):
+                graph.erase_node(node)
+            break
 
 
 def with_skinny_products(module: fx.GraphModule) -> fx.GraphModule:

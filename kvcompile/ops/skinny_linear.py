@@ -112,10 +112,9 @@ def _launch_shape(n: int) -> tuple[int, int, int, int]:
     return (64, 128, 4, 3) if n >= 8192 else (32, 256, 4, 4)
 
 
-def _gated_launch_shape(n: int) -> tuple[int, int, int, int]:
-    """`_launch_shape` for the gated kernel, whose programs read the rows of two weights: the best of a sweep
-    of 32 shapes on the H100 (bf16, 8B MLP, 8 rows and 1 row alike)."""
-    return (64, 256, 4, 4)
+# The gated kernel's (BLOCK_N, BLOCK_K, num_warps, num_stages), its programs reading the rows of two weights:
+# the best of a sweep of 32 shapes on the H100 (bf16, 8B MLP, 8 rows and 1 row alike).
+_GATED_LAUNCH_SHAPE = (64, 256, 4, 4)
 
 
 def skinny_linear_triton(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None) -> Tensor:
@@ -134,12 +133,12 @@ def skinny_gated_linear_triton(x: Tensor, gate_weight: Tensor, up_weight: Tensor
     """`F.silu(F.linear(x, gate_weight)) * F.linear(x, up_weight)` (a gated MLP's input side) through one Triton
     kernel: `x` [..., K] with at most `MAX_ROWS` rows, two contiguous [N, K] weights; the result has x's
     dtype, rounded after each of the three steps as the separate ops round."""
-    if not (_fits(x, gate_weight, None) and gate_weight.shape == up_weight.shape and up_weight.is_contiguous()):
+    if not _gated_fits(x, gate_weight, up_weight):
         raise ValueError(f"skinny_gated_linear_triton takes at most {MAX_ROWS} rows, K >= 1 and two contiguous "
                          f"[N, {x.shape[-1]}] weights, got x {tuple(x.shape)}, weights {tuple(gate_weight.shape)} "
                          f"and {tuple(up_weight.shape)}")
     n = gate_weight.shape[0]
-    return _launch(_skinny_gated_kernel, x, (gate_weight, up_weight), n, _gated_launch_shape(n))
+    return _launch(_skinny_gated_kernel, x, (gate_weight, up_weight), n, _GATED_LAUNCH_SHAPE)
 
 
 def _launch(kernel, x: Tensor, weights: tuple, n: int, launch_shape: tuple, **constants) -> Tensor:
@@ -174,11 +173,14 @@ def skinny_linear(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None) -> T
 
 @torch.library.custom_op("kvcompile::skinny_gated_linear", mutates_args=())
 def skinny_gated_linear(x: Tensor, gate_weight: Tensor, up_weight: Tensor) -> Tensor:
-    """`F.silu(F.linear(x, gate_weight)) * F.linear(x, up_weight)`; through `skinny_gated_linear_triton` where
-    `decode.kernels_for(x)` allows the kernels, the weights have x's dtype and fit the kernel (see there)."""
+    """`F.silu(F.linear(x, gate_weight)) * F.linear(x, up_weight)` for two weights of one shape [N, K]; through
+    `skinny_gated_linear_triton` where `decode.kernels_for(x)` allows the kernels, the weights have x's dtype
+    and fit the kernel (see there)."""
+    if gate_weight.shape != up_weight.shape:
+        raise ValueError(f"skinny_gated_linear takes two weights of one shape, got {tuple(gate_weight.shape)} and "
+                         f"{tuple(up_weight.shape)}")
     same_dtype = gate_weight.dtype == x.dtype == up_weight.dtype
-    fits = _fits(x, gate_weight, None) and gate_weight.shape == up_weight.shape and up_weight.is_contiguous()
-    if decode.kernels_for(x) and same_dtype and fits:
+    if decode.kernels_for(x) and same_dtype and _gated_fits(x, gate_weight, up_weight):
         return skinny_gated_linear_triton(x, gate_weight, up_weight)
     return F.silu(F.linear(x, gate_weight)) * F.linear(x, up_weight)
 
@@ -191,6 +193,11 @@ def _fits(x: Tensor, weight: Tensor, bias: Optional[Tensor]) -> bool:
     weight_ok = weight.dim() == 2 and weight.shape[1] == k and weight.is_contiguous()
     bias_ok = bias is None or (tuple(bias.shape) == (weight.shape[0],) and bias.is_contiguous())
     return rows_ok and weight_ok and bias_ok
+
+
+def _gated_fits(x: Tensor, gate_weight: Tensor, up_weight: Tensor) -> bool:
+    """Whether the gated kernel takes these operands: `_fits` for each weight, and one shape for both."""
+    return _fits(x, gate_weight, None) and _fits(x, up_weight, None) and gate_weight.shape == up_weight.shape
 
 
 @skinny_linear.register_fake
