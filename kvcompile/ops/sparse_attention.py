@@ -30,6 +30,7 @@ import torch
 from torch import Tensor
 
 from kvcompile.ops.cached_attention import attend, visible_keys, write_cache
+from kvcompile.ops.triton_topk import topk_slots_triton
 
 NEG_INF = float("-inf")
 
@@ -54,24 +55,19 @@ def topk_slots(scores: Tensor, k: int, scratch: int) -> Tensor:
     by the lower slot; in no particular order (attention does not depend on it).
 
     Slots scoring -inf, and the tail when fewer than `k` slots exist, point at `scratch` (NaN scores are not
-    supported). On CUDA one unsorted `torch.topk` of the float scores: its radix select takes the lowest indices
-    among the values equal to the k-th, which PyTorch does not promise (`tests/test_topk_slots.py` checks it
-    against the packed keys below wherever the tests run on a GPU; it held for torch 2.11 on the H100). In the
-    compiled tidaldecode step on the H100 (64 rows of 32k, k 2,048; `benchmarks/profile_step.py`) that took ~70
-    instead of ~150 µs a call: half the radix passes and no sort. Elsewhere one `torch.topk` over int64 keys
-    that order like (score, -slot): the float's bits made order-preserving, then the inverted slot.
+    supported). Where `decode.kernels_for(scores)` allows the kernels, one Triton radix select per row
+    (`kvcompile.ops.triton_topk`); elsewhere one `torch.topk` over int64 keys that order like (score, -slot):
+    the float's bits made order-preserving, then the inverted slot.
     """
+    from kvcompile.ops import decode
+    if decode.kernels_for(scores):
+        return topk_slots_triton(scores, k, scratch)
     n = scores.shape[-1]
     take = min(k, n)
-    scores = scores.float() + 0.0  # -0.0 becomes 0.0, an equal score
-    if scores.is_cuda:
-        values, idx = scores.topk(take, dim=-1, sorted=False)
-        idx = torch.where(values > NEG_INF, idx, scratch)
-    else:
-        bits = scores.contiguous().view(torch.int32)
-        ordered = (bits ^ ((bits >> 31) & 0x7FFFFFFF)).long()
-        top = ((ordered << 32) | (_LOW - torch.arange(n, device=scores.device))).topk(take, dim=-1).values
-        idx = torch.where((top >> 32) > _NEG_INF_KEY, _LOW - (top & 0xFFFFFFFF), scratch)
+    bits = (scores.float() + 0.0).contiguous().view(torch.int32)  # + 0.0: -0.0 becomes 0.0, an equal score
+    ordered = (bits ^ ((bits >> 31) & 0x7FFFFFFF)).long()
+    top = ((ordered << 32) | (_LOW - torch.arange(n, device=scores.device))).topk(take, dim=-1).values
+    idx = torch.where((top >> 32) > _NEG_INF_KEY, _LOW - (top & 0xFFFFFFFF), scratch)
     if take < k:
         idx = torch.cat([idx, idx.new_full((*idx.shape[:-1], k - take), scratch)], dim=-1)
     return idx
