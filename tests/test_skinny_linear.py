@@ -1,6 +1,7 @@
 """`kvcompile::skinny_linear` and `kvcompile::skinny_gated_linear` (the decode step's products): their Triton
-kernels against `F.linear` (and silu * up) on CPU through Triton's interpreter, the ops' choice of path, and the
-Inductor backend's routing of a decode step's products."""
+kernels against `F.linear` (and silu * up), through Triton's interpreter on CPU or compiled on CUDA with
+TRITON_INTERPRET=0 (bfloat16 only there: the interpreter's bfloat16 dots are wrong); the ops' choice of path;
+and the Inductor backend's routing of a decode step's products."""
 import os
 
 os.environ.setdefault("TRITON_INTERPRET", "1")
@@ -21,6 +22,14 @@ from conftest import tiny_hf_model  # noqa: E402
 LINEAR = torch.ops.aten.linear.default
 SKINNY = torch.ops.kvcompile.skinny_linear.default
 GATED = torch.ops.kvcompile.skinny_gated_linear.default
+KERNEL_DEVICE = "cpu" if os.environ["TRITON_INTERPRET"] == "1" else "cuda"
+DTYPES = [torch.float32, torch.float16,
+          pytest.param(torch.bfloat16, marks=pytest.mark.skipif(KERNEL_DEVICE == "cpu", reason="compiled kernel only"))]
+TOLERANCE = {torch.float32: 1e-4, torch.float16: 2e-3, torch.bfloat16: 2e-2}
+
+
+def on_kernel_device(*tensors):
+    return [None if t is None else t.to(KERNEL_DEVICE) for t in tensors]
 
 
 def gated_reference(x, gate_weight, up_weight):
@@ -35,28 +44,31 @@ def gated_reference(x, gate_weight, up_weight):
 @pytest.mark.parametrize("rows,n,k", [(1, 40, 64), (8, 70, 200), (16, 9000, 96), (3, 5, 300)],
                          ids=["one-row", "ragged", "wide", "k-over-a-block"])
 @pytest.mark.parametrize("with_bias", [False, True])
-def test_kernel_matches_linear(rows, n, k, with_bias):
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_kernel_matches_linear(rows, n, k, with_bias, dtype):
     gen = torch.Generator().manual_seed(rows * n + k)
-    x = torch.randn(rows, 1, k, generator=gen)
-    weight = torch.randn(n, k, generator=gen)
-    bias = torch.randn(n, generator=gen) if with_bias else None
-    out = skinny_linear_triton(x, weight, bias)
-    assert out.shape == (rows, 1, n) and out.dtype == x.dtype
-    assert torch.allclose(out, F.linear(x, weight, bias), rtol=1e-5, atol=1e-4)
+    x = torch.randn(rows, 1, k, generator=gen).to(dtype)
+    weight = (torch.randn(n, k, generator=gen) / 4).to(dtype)
+    bias = torch.randn(n, generator=gen).to(dtype) if with_bias else None
+    out = skinny_linear_triton(*on_kernel_device(x, weight, bias)).cpu()
+    expected = F.linear(x.float(), weight.float(), None if bias is None else bias.float())
+    assert out.shape == (rows, 1, n) and out.dtype == dtype
+    assert torch.allclose(out.float(), expected, rtol=TOLERANCE[dtype], atol=TOLERANCE[dtype])
 
 
 def test_kernel_keeps_half_precision_and_reads_strided_rows():
     gen = torch.Generator().manual_seed(0)
     x = torch.randn(64, 6, generator=gen).to(torch.float16).t()  # [6, 64], column-major
     weight = (torch.randn(48, 64, generator=gen) / 8).to(torch.float16)
-    out = skinny_linear_triton(x, weight)
+    out = skinny_linear_triton(*on_kernel_device(x, weight)).cpu()
     assert out.dtype == torch.float16
     assert torch.allclose(out.float(), F.linear(x.float(), weight.float()), rtol=1e-2, atol=1e-2)
 
 
 def test_kernel_takes_a_k_below_one_dot_tile():
     x, weight = torch.randn(2, 3), torch.randn(5, 3)
-    assert torch.allclose(skinny_linear_triton(x, weight), F.linear(x, weight), rtol=1e-5, atol=1e-5)
+    assert torch.allclose(skinny_linear_triton(*on_kernel_device(x, weight)).cpu(), F.linear(x, weight), rtol=1e-5,
+                          atol=1e-5)
 
 
 def test_kernel_rejects_what_it_cannot_read():
@@ -66,16 +78,16 @@ def test_kernel_rejects_what_it_cannot_read():
         skinny_linear_triton(torch.randn(2, 8), torch.randn(4, 8), torch.randn(8)[::2])  # strided bias
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("rows,n,k", [(1, 40, 64), (8, 70, 200), (16, 300, 24)], ids=["one-row", "ragged", "narrow-k"])
 def test_gated_kernel_matches_silu_times_up(rows, n, k, dtype):
     gen = torch.Generator().manual_seed(rows + n + k)
     x = torch.randn(rows, 1, k, generator=gen).to(dtype)
     gate_weight, up_weight = ((torch.randn(n, k, generator=gen) / 4).to(dtype) for _ in range(2))
-    out = skinny_gated_linear_triton(x, gate_weight, up_weight)
+    out = skinny_gated_linear_triton(*on_kernel_device(x, gate_weight, up_weight)).cpu()
     assert out.shape == (rows, 1, n) and out.dtype == dtype
-    tol = 1e-5 if dtype == torch.float32 else 2e-3
-    assert torch.allclose(out.float(), gated_reference(x, gate_weight, up_weight).float(), rtol=tol, atol=tol)
+    expected = gated_reference(x, gate_weight, up_weight).float()
+    assert torch.allclose(out.float(), expected, rtol=TOLERANCE[dtype], atol=TOLERANCE[dtype])
 
 
 def test_gated_kernel_rejects_mismatched_weights():
@@ -88,6 +100,8 @@ def test_gated_kernel_rejects_mismatched_weights():
 @pytest.fixture
 def kernels_on_cpu(monkeypatch):
     """The op's kernel path on CPU tensors (the interpreter), as on CUDA."""
+    if KERNEL_DEVICE != "cpu":
+        pytest.skip("the kernels take CPU tensors only under the interpreter")
     monkeypatch.setattr("kvcompile.ops.decode.kernels_for", lambda t: True)
 
 
