@@ -18,6 +18,12 @@ from transformers import (GPTNeoXConfig, GPTNeoXForCausalLM, LlamaConfig, LlamaF
 VOCAB = 96
 
 
+def kernel_device() -> str:
+    """Where the Triton kernels under test run: the interpreter takes CPU tensors, a compiled launch
+    (TRITON_INTERPRET=0 on a GPU machine) CUDA ones."""
+    return "cpu" if os.environ.get("TRITON_INTERPRET") == "1" else "cuda"
+
+
 def rel_err(a, b):
     """Largest absolute difference relative to the largest magnitude of `b`."""
     return ((a - b).abs().max() / b.abs().max()).item()

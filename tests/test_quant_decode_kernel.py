@@ -21,17 +21,14 @@ from kvcompile.ops.sparse_attention import attend_per_head, gather_slots, slot_p
 from kvcompile.ops import triton_quant_decode  # noqa: E402
 from kvcompile.ops.triton_quant_decode import quant_decode_attention_triton  # noqa: E402
 
+from conftest import kernel_device  # noqa: E402
+
 CAPACITY, GAP = 180, 16
-
-
-def _device() -> str:
-    """The interpreter runs on CPU tensors; a real launch needs CUDA ones."""
-    return "cpu" if os.environ.get("TRITON_INTERPRET") == "1" else "cuda"
 
 
 def _to_device(state) -> None:
     """Move a state built on the CPU to the kernel's device, in place."""
-    dev = _device()
+    dev = kernel_device()
     for planes in (state.keys, state.values):
         for t in (planes.high, planes.low):
             t.data, t.scale, t.zero = t.data.to(dev), t.scale.to(dev), t.zero.to(dev)
@@ -68,8 +65,8 @@ def _make_case(bits=(4, 2), G=3, D=64, dtype=torch.float32, seed=0, holes=False)
         slot_pos[1, torch.randperm(80, generator=gen)[:10]] = -1
     q_pos = state.quantized + buffered - 1 - torch.tensor([3, 0, 0, 0])
     _to_device(state)
-    q = torch.randn(B, Hkv * G, D, generator=gen).to(dtype=dtype, device=_device())
-    return q, state, slot_pos.to(_device()), q_pos.to(_device()), 1.0 / math.sqrt(D)
+    q = torch.randn(B, Hkv * G, D, generator=gen).to(dtype=dtype, device=kernel_device())
+    return q, state, slot_pos.to(kernel_device()), q_pos.to(kernel_device()), 1.0 / math.sqrt(D)
 
 
 def _dense_reference(q, state, slot_pos, q_pos, scale):
@@ -199,7 +196,7 @@ def test_sixteen_bits_is_dense_attention():
     expected = decode_attention_reference(q, None, torch.cat([k, k[:, :, :1]], 2), torch.cat([v, v[:, :, :1]], 2),
                                           slot_pos, q_pos, 0, 0, 0.125)
     _to_device(state)
-    dev = _device()
+    dev = kernel_device()
     out = quant_decode_attention_triton(q.to(dev), state, slot_pos.to(dev), q_pos.to(dev), 0.125)
     torch.testing.assert_close(out.cpu(), expected, atol=1e-5, rtol=1e-5)
 

@@ -17,12 +17,12 @@ from kvcompile.backends.inductor import with_skinny_products  # noqa: E402
 from kvcompile.ops.skinny_linear import (MAX_ROWS, skinny_gated_linear, skinny_gated_linear_triton,  # noqa: E402
                                         skinny_linear, skinny_linear_triton)
 
-from conftest import tiny_hf_model  # noqa: E402
+from conftest import kernel_device, tiny_hf_model  # noqa: E402
 
 LINEAR = torch.ops.aten.linear.default
 SKINNY = torch.ops.kvcompile.skinny_linear.default
 GATED = torch.ops.kvcompile.skinny_gated_linear.default
-KERNEL_DEVICE = "cpu" if os.environ["TRITON_INTERPRET"] == "1" else "cuda"
+KERNEL_DEVICE = kernel_device()
 DTYPES = [torch.float32, torch.float16,
           pytest.param(torch.bfloat16, marks=pytest.mark.skipif(KERNEL_DEVICE == "cpu", reason="compiled kernel only"))]
 TOLERANCE = {torch.float32: 1e-4, torch.float16: 2e-3, torch.bfloat16: 2e-2}

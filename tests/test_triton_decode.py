@@ -16,12 +16,9 @@ pytest.importorskip("triton")
 from kvcompile.ops.decode_reference import decode_attention_reference  # noqa: E402
 from kvcompile.ops.triton_decode import decode_attention_triton, triton_available  # noqa: E402
 
+from conftest import kernel_device  # noqa: E402
+
 SINKS, WINDOW = 4, 16
-
-
-def _device() -> str:
-    """The interpreter runs on CPU tensors; a real launch needs CUDA ones."""
-    return "cpu" if os.environ.get("TRITON_INTERPRET") == "1" else "cuda"
 
 
 def _dense_positions(gen, B, N):
@@ -53,7 +50,7 @@ def _make_case(layout, B, Hkv, G, N, D, with_qsink, dtype=torch.float32, seed=0)
     gen = torch.Generator().manual_seed(seed)
     pos, q_pos = (_dense_positions if layout == "dense" else _ring_positions)(gen, B, N)
     Hq = Hkv * G
-    dev = _device()
+    dev = kernel_device()
 
     def rand(*shape):
         return torch.randn(*shape, generator=gen).to(dtype=dtype, device=dev)

@@ -13,13 +13,14 @@ pytest.importorskip("triton")
 from kvcompile.ops.sparse_attention import topk_slots  # noqa: E402  (CPU tensors: the packed keys)
 from kvcompile.ops.triton_topk import topk_slots_triton  # noqa: E402
 
+from conftest import kernel_device  # noqa: E402
+
 INF = float("inf")
-DEVICE = "cpu" if os.environ["TRITON_INTERPRET"] == "1" else "cuda"
 SCRATCH = 10 ** 6  # not a slot of any row here, so a scratch entry cannot pass for a chosen slot
 
 
 def kernel_topk(scores: torch.Tensor, k: int) -> torch.Tensor:
-    return topk_slots_triton(scores.to(DEVICE), k, SCRATCH).cpu()
+    return topk_slots_triton(scores.to(kernel_device()), k, SCRATCH).cpu()
 
 
 def _scores(rows: int, n: int, levels: int, seed: int) -> torch.Tensor:
