@@ -81,14 +81,18 @@ def _tensor_subclass(module: fx.GraphModule, node) -> bool:
     return isinstance(data, torch.Tensor) and type(data) is not torch.Tensor
 
 
+def _linear_bias(node: fx.Node):
+    """The bias argument of an `aten.linear` node, given by position or keyword (None if absent)."""
+    return node.args[2] if len(node.args) > 2 else node.kwargs.get("bias")
+
+
 def _plain_product(module: fx.GraphModule, node, x) -> bool:
     """Whether `node` is an `aten.linear` of `x` without bias over a plain tensor, used by one node only."""
     if not (isinstance(node, fx.Node) and node.op == "call_function" and node.target == aten.linear.default
             and len(node.args) >= 2):
         return False
-    _, weight, *bias = node.args
-    no_bias = (bias or [node.kwargs.get("bias")])[0] is None and set(node.kwargs) <= {"bias"}
-    return node.args[0] is x and no_bias and len(node.users) == 1 and not _tensor_subclass(module, weight)
+    no_bias = _linear_bias(node) is None and set(node.kwargs) <= {"bias"}
+    return node.args[0] is x and no_bias and len(node.users) == 1 and not _tensor_subclass(module, node.args[1])
 
 
 def _shape(module: fx.GraphModule, node) -> Optional[tuple]:
@@ -139,8 +143,8 @@ def with_skinny_products(module: fx.GraphModule) -> fx.GraphModule:
     _gated_products(module, graph)
     for node in graph.nodes:
         if node.op == "call_function" and node.target == aten.linear.default:
-            x, weight, *bias = node.args
-            bias = bias[0] if bias else node.kwargs.get("bias")
+            x, weight = node.args[:2]
+            bias = _linear_bias(node)
             if _tensor_subclass(module, weight) or _tensor_subclass(module, bias):
                 continue  # a quantized weight, say: its own linear, not the plain kernel
             node.target = torch.ops.kvcompile.skinny_linear.default

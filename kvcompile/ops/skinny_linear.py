@@ -107,8 +107,8 @@ if triton is not None:
 
 def _launch_shape(n: int) -> tuple[int, int, int, int]:
     """(BLOCK_N, BLOCK_K, num_warps, num_stages) for `n` outputs: the best of a sweep on the H100 (bf16, 8 rows)
-    for the 8B shape's products, 32 columns a program below 8,192 outputs (q/k/v, o, down) and 64 above
-    (gate/up)."""
+    for the 8B shape's products, 32 columns a program below 8,192 outputs (q/k/v, o, down) and 64 above (then
+    gate/up, now in the gated kernel; the output head)."""
     return (64, 128, 4, 3) if n >= 8192 else (32, 256, 4, 4)
 
 
