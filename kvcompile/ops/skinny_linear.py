@@ -152,6 +152,7 @@ def _launch(kernel, x: Tensor, weights: tuple, n: int, launch_shape: tuple, **co
     if out.numel() == 0:
         return out.view(*lead, n)
     block_n, block_k, num_warps, num_stages = launch_shape
+    block_k = block_k * 2 // x.element_size()  # the shapes are for 2-byte dtypes; float32 tiles keep their bytes
     pdl = dependent_launch(x)
     kernel[(triton.cdiv(n, block_n),)](
         rows, *weights, out, rows.shape[0], n, k, *rows.stride(), out.stride(0), BLOCK_M=MAX_ROWS,
