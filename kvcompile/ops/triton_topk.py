@@ -1,13 +1,16 @@
-"""The selection ops' top-k on the GPU: one Triton program per row finds the k-th largest score by a radix
-select over order-preserving integer keys, then writes the chosen slots in slot order.
+"""The selection ops' top-k on the GPU: a radix select over order-preserving integer keys, each row split across
+programs, in four counting launches and one writing launch.
 
 `sparse_attention.topk_slots` defines the result: the `k` slots with the highest scores, equal scores by the
 lower slot, slots scoring -inf (and the tail when a row has fewer than `k` slots) pointing at the scratch slot.
 Each score becomes a uint32 key that orders like the float (`-0.0` counted as `0.0`), made again from the score
-in every pass rather than stored. The first pass counts the keys' top byte; one pass per remaining byte counts
-that byte among the keys that share the bytes chosen so far; each count keeps the byte at which the keys from the
-top reach what is still to be taken. The last pass takes every key above the threshold found and, in slot order,
-as many keys equal to it as are still needed.
+in every launch rather than stored. A row is cut into chunks of `_CHUNK` scores, one program each. Counting
+launch p adds to the row's totals how often each value of byte p (from the top) occurs among the chunk's keys
+that share the bytes chosen before; from the totals every later program chooses, byte by byte, where the keys
+from the top reach what is still to be taken, which ends at the threshold key. The last counting launch also
+keeps, per chunk, how many keys lie above and equal the threshold for each possible last byte, so that each
+program of the writing launch knows where its chunk's keys go: every key above the threshold and, counting from
+the lowest slot, as many keys equal to it as are still needed, in slot order.
 """
 from __future__ import annotations
 
@@ -24,7 +27,8 @@ except ImportError:  # the module stays importable; calling the kernel raises in
 
 __all__ = ["topk_slots_triton"]
 
-_BLOCK = 4096  # scores a loop step; the histograms' 256 bins are summed over the steps
+_CHUNK = 2048  # scores a program reads in each launch
+_NUM_WARPS = 4
 
 
 if triton is not None:
@@ -40,62 +44,90 @@ if triton is not None:
         return x.to(tl.uint32, bitcast=True) ^ (negative | tl.full(x.shape, 0x80000000, tl.uint32))
 
     @triton.jit
-    def _choose_byte(counts, prefix, remaining):
-        """Extend `prefix` (the threshold's bytes so far) by the byte at which the keys counted by byte in
-        `counts` reach the `remaining`-th largest, counting from the top; returns the new prefix and the rank
-        of the threshold among the keys that share it (after the last byte: how many keys equal to the
-        threshold are still to be taken)."""
+    def _threshold(TOTALS, row, rows, take, BYTES: tl.constexpr):
+        """The threshold's first `BYTES` bytes from one row's byte counts TOTALS [4, rows, 256], whose `take`
+        largest keys are wanted: (prefix, remaining), `remaining` being the threshold's rank among the keys that
+        share the prefix (after all four bytes: how many keys equal to the threshold are still to be taken)."""
         digits = tl.arange(0, 256)
-        at_or_above = tl.cumsum(counts, 0, reverse=True)
-        chosen = tl.max(tl.where(at_or_above >= remaining, digits, -1), 0)
-        above = tl.sum(tl.where(digits > chosen, counts, 0), 0)
-        return (prefix << 8) | chosen.to(tl.uint32), remaining - above
+        prefix = tl.zeros([], tl.uint32)
+        remaining = take
+        for byte in tl.static_range(BYTES):
+            counts = tl.load(TOTALS + (byte * rows + row) * 256 + digits)
+            at_or_above = tl.cumsum(counts, 0, reverse=True)
+            chosen = tl.max(tl.where(at_or_above >= remaining, digits, -1), 0)
+            remaining -= tl.sum(tl.where(digits > chosen, counts, 0), 0)
+            prefix = (prefix << 8) | chosen.to(tl.uint32)
+        return prefix, remaining
 
     @triton.jit
-    def _topk_kernel(SCORES, OUT, N, k, scratch, BLOCK: tl.constexpr, PDL: tl.constexpr):
-        """Row `program_id(0)` of SCORES [R, N] float32: its `k` output slots in OUT [R, k], of which the first
-        min(k, N) are chosen and the rest are `scratch`."""
+    def _count_kernel(SCORES, TOTALS, ABOVE, EQUAL, N, k, BYTE: tl.constexpr, CHUNK: tl.constexpr,
+                      PDL: tl.constexpr):
+        """Counting launch BYTE for row `program_id(0)` of SCORES [R, N] float32 and chunk `program_id(1)`: adds
+        to TOTALS[BYTE, row] how often each value of byte BYTE occurs among the chunk's keys that share the first
+        BYTE bytes of the threshold. The last one also stores, for each possible last byte d, how many of the
+        chunk's keys lie above (ABOVE) and equal (EQUAL) the threshold ending in d: [R, chunks, 256] each."""
         wait_for_producers(PDL)
-        row = tl.program_id(0).to(tl.int64)
-        offs = tl.arange(0, BLOCK)
-        scores = SCORES + row * N
+        row = tl.program_id(0)
+        chunk = tl.program_id(1)
+        rows = tl.num_programs(0)
+        offs = chunk * CHUNK + tl.arange(0, CHUNK)
+        mask = offs < N
+        key = _keys(SCORES + row.to(tl.int64) * N, offs, mask)
+        prefix, _ = _threshold(TOTALS, row, rows, tl.minimum(k, N), BYTE)
+        shift: tl.constexpr = 24 - 8 * BYTE
+        shares = mask
+        if BYTE > 0:
+            shares = mask & ((key >> (shift + 8)) == prefix)
+        counts = tl.histogram(((key >> shift) & 255).to(tl.int32), 256, mask=shares)
+        digits = tl.arange(0, 256)
+        tl.atomic_add(TOTALS + (BYTE * rows + row) * 256 + digits, counts, sem="relaxed")
+        if BYTE == 3:
+            above_prefix = tl.sum((mask & ((key >> 8) > prefix)).to(tl.int32), 0)
+            summary = (row * tl.num_programs(1) + chunk) * 256 + digits
+            tl.store(ABOVE + summary, above_prefix + tl.cumsum(counts, 0, reverse=True) - counts)
+            tl.store(EQUAL + summary, counts)
+
+    @triton.jit
+    def _write_kernel(SCORES, TOTALS, ABOVE, EQUAL, OUT, N, k, scratch, CHUNK: tl.constexpr,
+                      CHUNKS_BLOCK: tl.constexpr, PDL: tl.constexpr):
+        """The chosen slots of row `program_id(0)` in chunk `program_id(1)`, written to OUT [R, k] after those of
+        the chunks before; the first chunk's program also writes the tail (k above N) as `scratch`."""
+        wait_for_producers(PDL)
+        row = tl.program_id(0)
+        chunk = tl.program_id(1)
+        chunks = tl.num_programs(1)
         take = tl.minimum(k, N)
+        threshold, remaining = _threshold(TOTALS, row, tl.num_programs(0), take, 4)
+        # Per chunk: keys above the threshold, keys equal to it; those are taken from the lowest slot on.
+        each = tl.arange(0, CHUNKS_BLOCK)
+        summary = (row * chunks + each) * 256 + (threshold & 255).to(tl.int32)
+        above = tl.load(ABOVE + summary, mask=each < chunks, other=0)
+        equal = tl.load(EQUAL + summary, mask=each < chunks, other=0)
+        equal_before = tl.cumsum(equal, 0) - equal
+        taken = above + tl.minimum(tl.maximum(remaining - equal_before, 0), equal)
+        start = tl.sum(tl.where(each < chunk, taken, 0), 0)
+        equal_seen = tl.sum(tl.where(each < chunk, equal, 0), 0)
 
-        counts = tl.zeros([256], tl.int32)
-        for n0 in range(0, N, BLOCK):
-            mask = n0 + offs < N
-            counts += tl.histogram((_keys(scores, n0 + offs, mask) >> 24).to(tl.int32), 256, mask=mask)
-        prefix, remaining = _choose_byte(counts, tl.zeros([], tl.uint32), take)
-        for shift in tl.static_range(16, -8, -8):
-            counts = tl.zeros([256], tl.int32)
-            for n0 in range(0, N, BLOCK):
-                mask = n0 + offs < N
-                key = _keys(scores, n0 + offs, mask)
-                counts += tl.histogram(((key >> shift) & 255).to(tl.int32), 256,
-                                       mask=mask & ((key >> (shift + 8)) == prefix))
-            prefix, remaining = _choose_byte(counts, prefix, remaining)
-
-        # Every key above the threshold and the first `remaining` equal to it, in slot order.
-        taken = tl.zeros([], tl.int32)
-        equal_seen = tl.zeros([], tl.int32)
-        for n0 in range(0, N, BLOCK):
-            mask = n0 + offs < N
-            key = _keys(scores, n0 + offs, mask)
-            equal = (mask & (key == prefix)).to(tl.int32)
-            pick = (mask & ((key > prefix) | ((equal == 1) & (equal_seen + tl.cumsum(equal, 0) <= remaining))))
-            pick = pick.to(tl.int32)
-            # 0x007FFFFF is the key of -inf; keys at or below it (-inf, negative NaNs) select nothing.
-            slot = tl.where(key <= 0x007FFFFF, scratch, n0 + offs).to(tl.int64)
-            tl.store(OUT + row * k + taken + tl.cumsum(pick, 0) - 1, slot, mask=pick == 1)
-            taken += tl.sum(pick, 0)
-            equal_seen += tl.sum(equal, 0)
-        for j0 in range(take, k, BLOCK):
-            tl.store(OUT + row * k + j0 + offs, tl.full([BLOCK], scratch, tl.int64), mask=j0 + offs < k)
+        offs = chunk * CHUNK + tl.arange(0, CHUNK)
+        mask = offs < N
+        key = _keys(SCORES + row.to(tl.int64) * N, offs, mask)
+        is_equal = (mask & (key == threshold)).to(tl.int32)
+        pick = mask & ((key > threshold) | ((is_equal == 1) & (equal_seen + tl.cumsum(is_equal, 0) <= remaining)))
+        pick = pick.to(tl.int32)
+        # 0x007FFFFF is the key of -inf; keys at or below it (-inf, negative NaNs) select nothing.
+        slot = tl.where(key <= 0x007FFFFF, scratch, offs).to(tl.int64)
+        out = OUT + row.to(tl.int64) * k
+        tl.store(out + start + tl.cumsum(pick, 0) - 1, slot, mask=pick == 1)
+        if chunk == 0:
+            for j0 in range(take, k, CHUNK):
+                tail = j0 + tl.arange(0, CHUNK)
+                tl.store(out + tail, tl.full([CHUNK], scratch, tl.int64), mask=tail < k)
 
 
 def topk_slots_triton(scores: Tensor, k: int, scratch: int) -> Tensor:
-    """`sparse_attention.topk_slots` in one kernel: int64 [..., k] slots of `scores` [..., N] (float32 or a
-    dtype that converts to it; no NaN), in slot order (slots scoring -inf read as `scratch`), then the tail."""
+    """`sparse_attention.topk_slots` in five launches after zeroing the totals: int64 [..., k] slots of `scores`
+    [..., N] (float32 or a dtype that converts to it; no NaN), in slot order (slots scoring -inf read as
+    `scratch`), then the tail."""
     if triton is None:
         raise ImportError("topk_slots_triton needs Triton: pip install triton")
     *lead, n = scores.shape
@@ -105,6 +137,13 @@ def topk_slots_triton(scores: Tensor, k: int, scratch: int) -> Tensor:
     if n == 0:
         return out.fill_(scratch)
     rows = scores.reshape(-1, n).float().contiguous()
+    grid = (rows.shape[0], triton.cdiv(n, _CHUNK))
+    totals = torch.zeros(4, grid[0], 256, device=scores.device, dtype=torch.int32)
+    above, equal = (torch.empty(*grid, 256, device=scores.device, dtype=torch.int32) for _ in range(2))
     pdl = dependent_launch(scores)
-    _topk_kernel[(rows.shape[0],)](rows, out, n, k, scratch, BLOCK=_BLOCK, PDL=pdl, num_warps=8, launch_pdl=pdl)
+    launch = dict(CHUNK=_CHUNK, PDL=pdl, num_warps=_NUM_WARPS, launch_pdl=pdl)
+    for byte in range(4):
+        _count_kernel[grid](rows, totals, above, equal, n, k, BYTE=byte, **launch)
+    _write_kernel[grid](rows, totals, above, equal, out, n, k, scratch,
+                        CHUNKS_BLOCK=triton.next_power_of_2(grid[1]), **launch)
     return out
