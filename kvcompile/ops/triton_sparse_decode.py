@@ -12,7 +12,7 @@ and decode steps stay capturable in CUDA graphs.
 
 A selection layer's criterion, each KV head's attention mass per slot, comes from the stored scores and
 log-sum-exps in one more kernel (`group_mass`); the top-k after it is `kvcompile.ops.sparse_attention.topk_slots`
-(on the GPU a radix select per row, `kvcompile.ops.triton_topk`).
+(on the GPU a Triton radix select, `kvcompile.ops.triton_topk`).
 
 Everything here also runs on CPU tensors under `TRITON_INTERPRET=1` (that is how the tests run it).
 """
