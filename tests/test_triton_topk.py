@@ -1,5 +1,5 @@
 """`topk_slots_triton`, the selection ops' top-k on the GPU, against the packed-key definition in
-`sparse_attention.topk_slots` (on CPU): ties, -0.0, -inf, rows longer than one loop step, k above the row. Runs
+`sparse_attention.topk_slots` (on CPU): ties, -0.0, -inf, rows of several chunks (one program each), k above the row. Runs
 the kernel through Triton's interpreter on CPU, or compiled on CUDA with TRITON_INTERPRET=0."""
 import os
 
@@ -11,7 +11,7 @@ import torch  # noqa: E402
 pytest.importorskip("triton")
 
 from kvcompile.ops.sparse_attention import topk_slots  # noqa: E402  (CPU tensors: the packed keys)
-from kvcompile.ops.triton_topk import topk_slots_triton  # noqa: E402
+from kvcompile.ops.triton_topk import _CHUNK, topk_slots_triton  # noqa: E402
 
 from conftest import kernel_device  # noqa: E402
 
@@ -49,6 +49,16 @@ def test_writes_its_slots_in_slot_order_then_the_scratch_tail():
     scores = torch.tensor([[0.5, 2.0, -INF, 2.0, 1.0, 0.0, -0.0]])
     assert kernel_topk(scores, 4).tolist() == [[0, 1, 3, 4]]
     assert kernel_topk(scores, 9).tolist() == [[0, 1, SCRATCH, 3, 4, 5, 6, SCRATCH, SCRATCH]]
+
+
+def test_ties_across_chunks_are_taken_from_the_lowest_slot_in_slot_order():
+    n = 3 * _CHUNK + 5
+    scores = torch.full((1, n), 0.25)
+    assert kernel_topk(scores, _CHUNK + 7).tolist() == [list(range(_CHUNK + 7))]
+    scores[0, ::2] = 0.5  # every even slot above the rest, then the lowest odd slots
+    evens, odds = list(range(0, n, 2)), list(range(1, n, 2))
+    k = len(evens) + _CHUNK
+    assert kernel_topk(scores, k).tolist() == [sorted(evens + odds[:_CHUNK])]
 
 
 def test_equal_scores_go_to_the_lower_slot():
