@@ -5,7 +5,8 @@ Run on a CUDA GPU from a checkout (the device tool runs it from the repository r
     PYTHONUNBUFFERED=1 python benchmarks/decode.py --models 8b --contexts 32768 --batches 8 1 --out $OUT
 
 For each model shape (random bf16 weights), context and batch it times one-token decode steps of
-- `kvcompile dense` and `kvcompile streamingllm` (4 sinks + 2,044 window = a 2,048-token budget), both through
+- `kvcompile dense` and `kvcompile streamingllm` (4 sinks + 2,044 window = a 2,048-token budget unless
+  `--token-budgets` says otherwise; it sizes tidaldecode's and tokenselect's selections too), both through
   the inductor backend (CUDA graphs, Triton decode kernels);
 - transformers eager (`DynamicCache`, SDPA) and transformers static cache + `torch.compile(model.forward,
   mode="reduce-overhead", fullgraph=True)`;
@@ -57,24 +58,34 @@ SHAPES = {
     "8b": dict(vocab_size=128256, hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
                num_attention_heads=32, num_key_value_heads=8, head_dim=128, tie_word_embeddings=False),
 }
-SINKS, WINDOW = 4, 2044  # StreamingLLM with a 2,048-token budget
-BUDGET = SINKS + WINDOW  # tokens read per step by the sparse methods in their sparse layers
-# kvcompile methods: their passes.
-KVCOMPILE = {
-    "dense": ["dense"],
-    "streamingllm": [f"streamingllm:sink_tokens={SINKS},window_tokens={WINDOW}"],
-    "tidaldecode": [f"tidaldecode:token_budget={BUDGET}"],
-    "tokenselect": [f"tokenselect:token_budget={BUDGET}"],
-    "zipcache": ["zipcache"],
-    "tidaldecode+zipcache": ["zipcache", f"tidaldecode:token_budget={BUDGET}"],
-}
+SINKS = 4  # StreamingLLM's attention sinks; the rest of its budget is the window
+DEFAULT_BUDGET = 2048  # tokens read per step by the sparse methods in their sparse layers (--token-budgets)
+BUDGET = DEFAULT_BUDGET  # the budget of the configuration being run
+KVCOMPILE = ("dense", "streamingllm", "tidaldecode", "tokenselect", "zipcache", "tidaldecode+zipcache")
+BUDGETED = ("streamingllm", "tidaldecode", "tokenselect", "tidaldecode+zipcache")  # the methods BUDGET sizes
 METHODS = list(KVCOMPILE) + ["hf_static", "hf_eager", "hf_quantized"]
-LABELS = {"dense": "kvcompile dense", "streamingllm": "kvcompile streamingllm (2,048)",
-          "tidaldecode": "kvcompile tidaldecode (2,048)", "tokenselect": "kvcompile tokenselect (2,048)",
-          "zipcache": "kvcompile zipcache (4/2 bits)",
-          "tidaldecode+zipcache": "kvcompile tidaldecode (2,048) + zipcache",
-          "hf_static": "transformers static + compile", "hf_eager": "transformers eager",
-          "hf_quantized": "transformers quantized cache (HQQ 4-bit)"}
+
+
+def kvcompile_passes(method: str) -> list[str]:
+    """The passes of a kvcompile method at the current BUDGET."""
+    return {"dense": ["dense"],
+            "streamingllm": [f"streamingllm:sink_tokens={SINKS},window_tokens={BUDGET - SINKS}"],
+            "tidaldecode": [f"tidaldecode:token_budget={BUDGET}"],
+            "tokenselect": [f"tokenselect:token_budget={BUDGET}"],
+            "zipcache": ["zipcache"],
+            "tidaldecode+zipcache": ["zipcache", f"tidaldecode:token_budget={BUDGET}"]}[method]
+
+
+def label(method: str) -> str:
+    """A method's name in tables and figures, with the current BUDGET where it sizes the method."""
+    budget = f"{BUDGET:,}"
+    return {"dense": "kvcompile dense", "streamingllm": f"kvcompile streamingllm ({budget})",
+            "tidaldecode": f"kvcompile tidaldecode ({budget})", "tokenselect": f"kvcompile tokenselect ({budget})",
+            "zipcache": "kvcompile zipcache (4/2 bits)",
+            "tidaldecode+zipcache": f"kvcompile tidaldecode ({budget}) + zipcache",
+            "hf_static": "transformers static + compile", "hf_eager": "transformers eager",
+            "hf_quantized": "transformers quantized cache (HQQ 4-bit)"}[method]
+
 HF_QUANTIZED = dict(backend="hqq", nbits=4)  # transformers' QuantizedCache defaults otherwise (groups of 64, 128
 # tokens kept in full precision); needs `pip install hqq` (it runs with hqq's PyTorch backend)
 OP_TOL = 1e-2  # one attention op in bf16 against the fp32-math reference
@@ -314,7 +325,7 @@ def check_op(batch: int, ctx: int, window: bool, device) -> float:
 
     gen = torch.Generator(device=device).manual_seed(2)
     hq, hkv, d = 32, 8, 128
-    layout = CacheLayout(SINKS, WINDOW) if window else CacheLayout()
+    layout = CacheLayout(SINKS, BUDGET - SINKS) if window else CacheLayout()
     slots = layout.capacity(ctx + 1)
 
     def rand(*shape):
@@ -359,7 +370,7 @@ def run_kvcompile(model, method: str, batch: int, ctx: int, args, cache: dict) -
     release_caches(cache)
     if method not in cache:  # each configuration builds its program (earlier ones were dropped, see above)
         t0 = time.perf_counter()
-        cache[method] = kvcompile.optimize(model, KVCOMPILE[method], backend=BACKEND, prefill_chunk=1)
+        cache[method] = kvcompile.optimize(model, kvcompile_passes(method), backend=BACKEND, prefill_chunk=1)
         print(f"  export {method}: {time.perf_counter() - t0:.1f}s", flush=True)
     opt = cache[method]
     reset_peak()
@@ -644,6 +655,8 @@ def main():
     parser.add_argument("--prefill-repeats", type=int, default=3)
     parser.add_argument("--no-prefill-op-check", action="store_true",
                         help="skip the op-level prefill check (the logits are still compared with transformers)")
+    parser.add_argument("--token-budgets", nargs="+", type=int, default=[DEFAULT_BUDGET],
+                        help="tokens read per step by the sparse methods in their sparse layers, each run in turn")
     parser.add_argument("--budget-s", type=float, default=1e9, help="skip configurations started after this")
     parser.add_argument("--prefill-budget-s", type=float, default=1e9, help="skip the prefill if started after this")
     parser.add_argument("--out", type=Path, default=Path("out"))
@@ -659,7 +672,7 @@ def main():
     began = time.perf_counter()
     args.out.mkdir(parents=True, exist_ok=True)
     results_path = args.out / "decode_results.jsonl"
-    global DEVICE, BACKEND, PREFILL_OP_CHECK
+    global DEVICE, BACKEND, PREFILL_OP_CHECK, BUDGET
     PREFILL_OP_CHECK = not args.no_prefill_op_check
     DEVICE = device = torch.device(args.device)
     BACKEND = args.backend
@@ -687,9 +700,10 @@ def main():
             exports: dict = {}
             for ctx in args.contexts:
                 for batch in args.batches:
-                    for method in args.methods:
+                    for method, BUDGET in [(m, b) for m in args.methods
+                                           for b in (args.token_budgets if m in BUDGETED else [DEFAULT_BUDGET])]:
                         base = dict(kind="decode", model=shape, ctx=ctx, batch=batch, method=method,
-                                    label=LABELS[method])
+                                    label=label(method), **({"token_budget": BUDGET} if method in BUDGETED else {}))
                         if time.perf_counter() - began > args.budget_s:
                             row = dict(base, error="skipped (time budget)")
                         else:
@@ -743,8 +757,10 @@ def plot(results_path: Path, figures: Path):
     import matplotlib.pyplot as plt
 
     rows = [json.loads(line) for line in results_path.read_text().splitlines() if line.strip()]
-    # Rows of an A/B variant (a "variant" key: the code with one change undone) are not the library's numbers.
-    decode_rows = [r for r in rows if r.get("kind") == "decode" and "ms" in r and "variant" not in r]
+    # Rows of an A/B variant (a "variant" key: the code with one change undone) are not the library's numbers;
+    # the figures compare methods at the default budget.
+    decode_rows = [r for r in rows if r.get("kind") == "decode" and "ms" in r and "variant" not in r
+                   and r.get("token_budget", DEFAULT_BUDGET) == DEFAULT_BUDGET]
     # A run whose own copy-bandwidth measurement was an outlier names the bandwidth its floors are judged at.
     reference = {r["run"]: r["reference_copy_bandwidth_bytes_s"] for r in rows
                  if r.get("kind") == "env" and "reference_copy_bandwidth_bytes_s" in r}
@@ -763,7 +779,7 @@ def plot(results_path: Path, figures: Path):
                                 if (r["ctx"], r["batch"]) == c and r["method"] == method), math.nan)
                           for c in configs]
                 ax.bar([i + (m - (len(METHODS) - 1) / 2) * width for i in range(len(configs))], values, width,
-                       label=LABELS[method])
+                       label=label(method))
         for ax, title in zip(axes, ("step latency / bandwidth floor (lower is better)", "tokens/s")):
             ax.set_xticks(range(len(configs)), [f"ctx {c // 1024}k, B={b}" for c, b in configs])
             ax.set_title(title)
