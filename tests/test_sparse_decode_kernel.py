@@ -19,9 +19,9 @@ if not isinstance(triton.language.standard.zeros, InterpretedFunction):
                 "select its interpreter", allow_module_level=True)
 
 from kvcompile.ops.sparse_attention import (attend_per_head, gather_slots, slot_positions,  # noqa: E402
-                                            tokenselect_choice)
+                                            soft_votes, tokenselect_choice)
 from kvcompile.ops.triton_sparse_decode import (decode_over_slots, group_mass, select_decode_step,  # noqa: E402
-                                                sparse_decode_step, tokenselect_step)
+                                                soft_votes_triton, sparse_decode_step, tokenselect_step)
 
 SINKS, WINDOW = 3, 12
 
@@ -137,6 +137,19 @@ def test_group_mass_sums_each_groups_probabilities():
     assert torch.allclose(group_mass(scores, lse), expected, rtol=1e-5, atol=1e-7)
 
 
+def test_soft_votes_kernel_equals_the_definition():
+    gen = torch.Generator().manual_seed(4)
+    B, Hq, N = 3, 5, 9000  # more than two chunks of slots
+    logits = torch.randn(B, Hq, N, generator=gen) * 4
+    logits[0, 1, N // 2:] = float("-inf")  # a head that sees only half the slots
+    logits[1, 2] = float("-inf")  # a head that sees nothing (it votes nothing)
+    candidates = torch.rand(B, N, generator=gen) < 0.7
+    candidates[2] = False  # a row without candidates
+    expected = soft_votes(logits, candidates)
+    assert torch.allclose(soft_votes_triton(logits, candidates), expected, rtol=1e-5, atol=1e-9)
+    assert (soft_votes_triton(logits, candidates)[~candidates] == float("-inf")).all()
+
+
 def _as_op_args(s):
     """The decode ops' argument shapes ([B, H, 1, D] queries/new tokens, [B, 1] positions)."""
     return (s["q"][:, :, None], None if s["q_sink"] is None else s["q_sink"][:, :, None], s["k_new"][:, :, None],
@@ -163,7 +176,8 @@ def test_op_fast_paths_match_definitions(layout):
     assert all(torch.equal(x, y) for x, y in zip(a[4:7], b[4:7]))
 
 
-def test_tokenselect_fast_path_matches_definition_with_the_selection_cache():
+@pytest.mark.parametrize("criterion", ["torch", "kernels"])
+def test_tokenselect_fast_path_matches_definition_with_the_selection_cache(monkeypatch, criterion):
     s, _ = _state("dense", N=48)
     q, _, _, _, k_cache, _, slot_pos, positions = _as_op_args(s)
     fingerprint = q + 0.01
@@ -171,8 +185,11 @@ def test_tokenselect_fast_path_matches_definition_with_the_selection_cache():
     args = (s["sink_tokens"], s["window_tokens"], 2, 4, 9, 0.95)
     for step in range(3):  # a fresh choice, then reuse (same query), then a fresh one (another query)
         query = q if step < 2 else torch.randn_like(q)
-        fast = tokenselect_step(query, fingerprint if step < 2 else query, k_cache, slot_pos, positions,
-                                *states[0], *args)
+        with monkeypatch.context() as patch:
+            if criterion == "kernels":  # the soft votes and the top-k take their Triton kernels, as on CUDA
+                patch.setattr("kvcompile.ops.decode.kernels_for", lambda t: True)
+            fast = tokenselect_step(query, fingerprint if step < 2 else query, k_cache, slot_pos, positions,
+                                    *states[0], *args)
         ref = tokenselect_choice(query, fingerprint if step < 2 else query, k_cache, slot_pos, positions,
                                  *states[1], *args)
         assert torch.equal(fast.sort(-1).values, ref.sort(-1).values)

@@ -162,7 +162,12 @@ def _(q, q_sink, k, v, k_cache, v_cache, slot_pos, positions, indices, sink_toke
 # --- kvcompile::tokenselect_indices --------------------------------------------------------------------------
 def soft_votes(logits: Tensor, candidates: Tensor) -> Tensor:
     """TokenSelect's per-head soft voting: softmax of each head's q·k over the candidate slots, summed over
-    all heads. `logits` [B, Hq, N] (unscaled q·k), `candidates` [B, N] -> votes [B, N] (-inf off candidates)."""
+    all heads. `logits` [B, Hq, N] (unscaled q·k), `candidates` [B, N] -> votes [B, N] (-inf off candidates).
+    Where `decode.kernels_for(logits)` allows the kernels, two Triton kernels (`soft_votes_triton`)."""
+    from kvcompile.ops import decode
+    if decode.kernels_for(logits):
+        from kvcompile.ops.triton_sparse_decode import soft_votes_triton
+        return soft_votes_triton(logits, candidates)
     masked = logits.float().masked_fill(~candidates[:, None, :], NEG_INF)
     votes = torch.softmax(masked, dim=-1).nan_to_num(0.0).sum(dim=1)
     return votes.masked_fill(~candidates, NEG_INF)

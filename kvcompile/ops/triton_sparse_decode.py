@@ -12,7 +12,8 @@ and decode steps stay capturable in CUDA graphs.
 
 A selection layer's criterion, each KV head's attention mass per slot, comes from the stored scores and
 log-sum-exps in one more kernel (`group_mass`); the top-k after it is `kvcompile.ops.sparse_attention.topk_slots`
-(on the GPU a Triton radix select, `kvcompile.ops.triton_topk`).
+(on the GPU a Triton radix select, `kvcompile.ops.triton_topk`). TokenSelect's criterion, every query head's
+softmax over the candidate slots summed, takes two (`soft_votes_triton`).
 
 Everything here also runs on CPU tensors under `TRITON_INTERPRET=1` (that is how the tests run it).
 """
@@ -33,8 +34,8 @@ try:
 except ImportError:  # the module stays importable; calling a kernel raises instead
     triton = None
 
-__all__ = ["decode_over_slots", "group_mass", "select_decode_step", "sparse_decode_step", "tokenselect_step",
-           "triton_available"]
+__all__ = ["decode_over_slots", "group_mass", "select_decode_step", "soft_votes_triton", "sparse_decode_step",
+           "tokenselect_step", "triton_available"]
 
 
 if triton is not None:
@@ -146,6 +147,49 @@ if triton is not None:
                  mask=n_mask)
 
 
+    @triton.jit
+    def _vote_partials_kernel(LOGITS, CANDIDATES, MAX, SUM, N, HQ, CHUNK: tl.constexpr, PDL: tl.constexpr):
+        """For one (row, query head) and a chunk of slots: the largest logit among the candidate slots and the
+        sum of exp(logit - it) over them (-inf and 0 without candidates)."""
+        wait_for_producers(PDL)
+        head = tl.program_id(0).to(tl.int64)  # row * HQ + query head
+        chunk = tl.program_id(1)
+        offs = chunk * CHUNK + tl.arange(0, CHUNK)
+        n_mask = offs < N
+        candidate = tl.load(CANDIDATES + (head // HQ) * N + offs, mask=n_mask, other=0) != 0
+        x = tl.load(LOGITS + head * N + offs, mask=candidate, other=float("-inf"))
+        largest = tl.max(x, 0)
+        total = tl.sum(tl.where(candidate, tl.exp(x - largest), 0.0), 0)
+        tl.store(MAX + head * tl.num_programs(1) + chunk, largest)
+        tl.store(SUM + head * tl.num_programs(1) + chunk, total)
+
+    @triton.jit
+    def _votes_kernel(LOGITS, CANDIDATES, MAX, SUM, VOTES, N, HQ, CHUNKS, BLOCK_H: tl.constexpr,
+                      BLOCK_C: tl.constexpr, BLOCK_N: tl.constexpr, PDL: tl.constexpr):
+        """For one row and a block of slots: each query head's softmax over the row's candidate slots (its
+        log-sum-exp from the chunks' partials), summed over the heads; -inf off the candidates."""
+        wait_for_producers(PDL)
+        row = tl.program_id(0).to(tl.int64)
+        offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+        heads = tl.arange(0, BLOCK_H)
+        chunks = tl.arange(0, BLOCK_C)
+        partial = (row * HQ + heads[:, None]) * CHUNKS + chunks[None, :]
+        partial_mask = (heads < HQ)[:, None] & (chunks < CHUNKS)[None, :]
+        largest = tl.load(MAX + partial, mask=partial_mask, other=float("-inf"))
+        head_max = tl.max(largest, 1)
+        seen = largest > float("-inf")
+        total = tl.sum(tl.where(seen, tl.load(SUM + partial, mask=partial_mask, other=0.0)
+                                * tl.exp(largest - head_max[:, None]), 0.0), 1)
+        lse = head_max + tl.log(total)  # -inf for a head without candidates (it votes nothing)
+        n_mask = offs_n < N
+        candidate = tl.load(CANDIDATES + row * N + offs_n, mask=n_mask, other=0) != 0
+        x = tl.load(LOGITS + (row * HQ + heads[:, None]) * N + offs_n[None, :],
+                    mask=(heads < HQ)[:, None] & candidate[None, :], other=float("-inf"))
+        counted = (x > float("-inf")) & (lse > float("-inf"))[:, None]
+        votes = tl.sum(tl.where(counted, tl.exp(x - lse[:, None]), 0.0), 0)
+        tl.store(VOTES + row * N + offs_n, tl.where(candidate, votes, float("-inf")), mask=n_mask)
+
+
 def _require_triton() -> None:
     if triton is None:
         raise ImportError("the sparse decode kernels need Triton: pip install triton")
@@ -228,6 +272,28 @@ def group_mass(scores: Tensor, lse: Tensor) -> Tensor:
         scores.contiguous(), lse.contiguous(), mass, N, G=G, BLOCK_G=triton.next_power_of_2(G), BLOCK_N=BLOCK_N,
         PDL=pdl, num_warps=4, launch_pdl=pdl)
     return mass
+
+
+def soft_votes_triton(logits: Tensor, candidates: Tensor) -> Tensor:
+    """`sparse_attention.soft_votes` (TokenSelect's criterion) in two kernels: each (row, query head, chunk of
+    slots) reduces its candidates' logits to a max and a sum of exponentials, then each (row, block of slots)
+    sums every head's probability. `logits` [B, Hq, N] float32, `candidates` [B, N] bool -> votes [B, N]."""
+    _require_triton()
+    B, Hq, N = logits.shape
+    votes = torch.empty(B, N, device=logits.device, dtype=torch.float32)
+    if votes.numel() == 0:
+        return votes
+    CHUNK, BLOCK_N = 4096, 256
+    chunks = triton.cdiv(N, CHUNK)
+    largest, total = (torch.empty(B * Hq, chunks, device=logits.device, dtype=torch.float32) for _ in range(2))
+    logits, flags = logits.float().contiguous(), candidates.to(torch.int8).contiguous()
+    pdl = dependent_launch(logits)
+    _vote_partials_kernel[(B * Hq, chunks)](logits, flags, largest, total, N, Hq, CHUNK=CHUNK, PDL=pdl,
+                                            num_warps=4, launch_pdl=pdl)
+    _votes_kernel[(B, triton.cdiv(N, BLOCK_N))](
+        logits, flags, largest, total, votes, N, Hq, chunks, BLOCK_H=triton.next_power_of_2(Hq),
+        BLOCK_C=triton.next_power_of_2(chunks), BLOCK_N=BLOCK_N, PDL=pdl, num_warps=4, launch_pdl=pdl)
+    return votes
 
 
 # --- the ops' fast paths (decode steps: q [B, Hq, 1, D]) -----------------------------------------------------
