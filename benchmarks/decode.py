@@ -665,6 +665,8 @@ def main():
     parser.add_argument("--plot", type=Path, help="draw figures from this results file and exit")
     parser.add_argument("--figures", type=Path, default=Path("docs/figures"))
     args = parser.parse_args()
+    if min(args.token_budgets) <= SINKS:
+        parser.error(f"--token-budgets must exceed streamingllm's {SINKS} sinks")
     if args.plot:
         plot(args.plot, args.figures)
         return

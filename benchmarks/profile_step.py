@@ -37,7 +37,7 @@ def kernel_table(fn, rows: int, title: str) -> float:
 def profile_method(model, method: str, batch: int, ctx: int, rows: int, backend: str) -> None:
     import kvcompile
 
-    opt = kvcompile.optimize(model, bench.KVCOMPILE[method], backend=backend, prefill_chunk=1)
+    opt = kvcompile.optimize(model, bench.kvcompile_passes(method), backend=backend, prefill_chunk=1)
     opt.reserve(batch, ctx + 8)
     bench.fill_kvcompile_cache(opt, ctx)
     if "zipcache" in method:

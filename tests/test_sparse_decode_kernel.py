@@ -147,7 +147,6 @@ def test_soft_votes_kernel_equals_the_definition():
     candidates[2] = False  # a row without candidates
     expected = soft_votes(logits, candidates)
     assert torch.allclose(soft_votes_triton(logits, candidates), expected, rtol=1e-5, atol=1e-9)
-    assert (soft_votes_triton(logits, candidates)[~candidates] == float("-inf")).all()
 
 
 def _as_op_args(s):

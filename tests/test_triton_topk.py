@@ -1,6 +1,6 @@
 """`topk_slots_triton`, the selection ops' top-k on the GPU, against the packed-key definition in
-`sparse_attention.topk_slots` (on CPU): ties, -0.0, -inf, rows of several chunks (one program each), k above the row. Runs
-the kernel through Triton's interpreter on CPU, or compiled on CUDA with TRITON_INTERPRET=0."""
+`sparse_attention.topk_slots` (on CPU): ties, -0.0, -inf, rows of several chunks (one program each), k above
+the row. Runs the kernel through Triton's interpreter on CPU, or compiled on CUDA with TRITON_INTERPRET=0."""
 import os
 
 os.environ.setdefault("TRITON_INTERPRET", "1")

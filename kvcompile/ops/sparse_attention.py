@@ -55,9 +55,9 @@ def topk_slots(scores: Tensor, k: int, scratch: int) -> Tensor:
     by the lower slot; in no particular order (attention does not depend on it).
 
     Slots scoring -inf, and the tail when fewer than `k` slots exist, point at `scratch` (NaN scores are not
-    supported). Where `decode.kernels_for(scores)` allows the kernels, a Triton radix select with each row
-    split across programs (`kvcompile.ops.triton_topk`); elsewhere one `torch.topk` over int64 keys that order like (score, -slot):
-    the float's bits made order-preserving, then the inverted slot.
+    supported). Where `decode.kernels_for(scores)` allows the kernels, a Triton radix select with each
+    row split across programs (`kvcompile.ops.triton_topk`); elsewhere one `torch.topk` over int64 keys that
+    order like (score, -slot): the float's bits made order-preserving, then the inverted slot.
     """
     from kvcompile.ops import decode
     if decode.kernels_for(scores):

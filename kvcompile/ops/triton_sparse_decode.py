@@ -150,7 +150,8 @@ if triton is not None:
     @triton.jit
     def _vote_partials_kernel(LOGITS, CANDIDATES, MAX, SUM, N, HQ, CHUNK: tl.constexpr, PDL: tl.constexpr):
         """For one (row, query head) and a chunk of slots: the largest logit among the candidate slots and the
-        sum of exp(logit - it) over them (-inf and 0 without candidates)."""
+        sum of exp(logit - it) over them (-inf and 0 without candidates; -inf and NaN when every candidate's logit
+        is -inf, which `_votes_kernel` leaves out like the former)."""
         wait_for_producers(PDL)
         head = tl.program_id(0).to(tl.int64)  # row * HQ + query head
         chunk = tl.program_id(1)

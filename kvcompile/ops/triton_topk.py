@@ -52,7 +52,7 @@ if triton is not None:
         prefix = tl.zeros([], tl.uint32)
         remaining = take
         for byte in tl.static_range(BYTES):
-            counts = tl.load(TOTALS + (byte * rows + row) * 256 + digits)
+            counts = tl.load(TOTALS + (byte * rows + row.to(tl.int64)) * 256 + digits)
             at_or_above = tl.cumsum(counts, 0, reverse=True)
             chosen = tl.max(tl.where(at_or_above >= remaining, digits, -1), 0)
             remaining -= tl.sum(tl.where(digits > chosen, counts, 0), 0)
@@ -80,10 +80,10 @@ if triton is not None:
             shares = mask & ((key >> (shift + 8)) == prefix)
         counts = tl.histogram(((key >> shift) & 255).to(tl.int32), 256, mask=shares)
         digits = tl.arange(0, 256)
-        tl.atomic_add(TOTALS + (BYTE * rows + row) * 256 + digits, counts, sem="relaxed")
+        tl.atomic_add(TOTALS + (BYTE * rows + row.to(tl.int64)) * 256 + digits, counts, sem="relaxed")
         if BYTE == 3:
             above_prefix = tl.sum((mask & ((key >> 8) > prefix)).to(tl.int32), 0)
-            summary = (row * tl.num_programs(1) + chunk) * 256 + digits
+            summary = (row.to(tl.int64) * tl.num_programs(1) + chunk) * 256 + digits
             tl.store(ABOVE + summary, above_prefix + tl.cumsum(counts, 0, reverse=True) - counts)
             tl.store(EQUAL + summary, counts)
 
@@ -100,7 +100,7 @@ if triton is not None:
         threshold, remaining = _threshold(TOTALS, row, tl.num_programs(0), take, 4)
         # Per chunk: keys above the threshold, keys equal to it; those are taken from the lowest slot on.
         each = tl.arange(0, CHUNKS_BLOCK)
-        summary = (row * chunks + each) * 256 + (threshold & 255).to(tl.int32)
+        summary = (row.to(tl.int64) * chunks + each) * 256 + (threshold & 255).to(tl.int32)
         above = tl.load(ABOVE + summary, mask=each < chunks, other=0)
         equal = tl.load(EQUAL + summary, mask=each < chunks, other=0)
         equal_before = tl.cumsum(equal, 0) - equal
@@ -114,7 +114,7 @@ if triton is not None:
         is_equal = (mask & (key == threshold)).to(tl.int32)
         pick = mask & ((key > threshold) | ((is_equal == 1) & (equal_seen + tl.cumsum(is_equal, 0) <= remaining)))
         pick = pick.to(tl.int32)
-        # 0x007FFFFF is the key of -inf; keys at or below it (-inf, negative NaNs) select nothing.
+        # 0x007FFFFF is the key of -inf: taken keys at or below it (-inf, negative NaNs) are written as scratch.
         slot = tl.where(key <= 0x007FFFFF, scratch, offs).to(tl.int64)
         out = OUT + row.to(tl.int64) * k
         tl.store(out + start + tl.cumsum(pick, 0) - 1, slot, mask=pick == 1)
