@@ -759,10 +759,10 @@ def plot(results_path: Path, figures: Path):
     import matplotlib.pyplot as plt
 
     rows = [json.loads(line) for line in results_path.read_text().splitlines() if line.strip()]
-    # Rows of an A/B variant (a "variant" key: the code with one change undone) are not the library's numbers;
-    # the figures compare methods at the default budget.
-    decode_rows = [r for r in rows if r.get("kind") == "decode" and "ms" in r and "variant" not in r
-                   and r.get("token_budget", DEFAULT_BUDGET) == DEFAULT_BUDGET]
+    # Rows of an A/B variant (a "variant" key: the code with one change undone) are not the library's numbers.
+    measured = [r for r in rows if r.get("kind") == "decode" and "ms" in r and "variant" not in r]
+    # The bar charts compare methods at the default budget.
+    decode_rows = [r for r in measured if r.get("token_budget", DEFAULT_BUDGET) == DEFAULT_BUDGET]
     # A run whose own copy-bandwidth measurement was an outlier names the bandwidth its floors are judged at.
     reference = {r["run"]: r["reference_copy_bandwidth_bytes_s"] for r in rows
                  if r.get("kind") == "env" and "reference_copy_bandwidth_bytes_s" in r}
@@ -770,6 +770,7 @@ def plot(results_path: Path, figures: Path):
         if r.get("run") in reference:
             r["x_floor"] = r["ms"] / ((r["weight_bytes"] + r["kv_read_bytes"]) / reference[r["run"]] * 1e3)
     figures.mkdir(parents=True, exist_ok=True)
+    plot_budgets(measured, figures)
     for shape in sorted({r["model"] for r in decode_rows}):
         mine = [r for r in decode_rows if r["model"] == shape]
         configs = sorted({(r["ctx"], r["batch"]) for r in mine}, key=lambda c: (-c[0], -c[1]))
@@ -791,6 +792,48 @@ def plot(results_path: Path, figures: Path):
         fig.suptitle(f"Llama-{'3.1-8B' if shape == '8b' else '3.2-1B'} shape, random bf16 weights, decode step")
         fig.tight_layout()
         fig.savefig(figures / f"decode_{shape}.png", dpi=110)
+        plt.close(fig)
+
+
+def plot_budgets(rows: list, figures: Path):
+    """Step latency of each budgeted method against its token budget, beside dense, for every (model, context,
+    batch) measured at more than one budget: the latest run of each point."""
+    import matplotlib.pyplot as plt
+
+    budgeted = [r for r in rows if r["method"] in BUDGETED]
+    for shape, ctx, batch in sorted({(r["model"], r["ctx"], r["batch"]) for r in budgeted}):
+        def latest(method, budget=None):
+            return next((r for r in reversed(rows) if (r["model"], r["ctx"], r["batch"], r["method"]) ==
+                         (shape, ctx, batch, method) and r.get("token_budget", DEFAULT_BUDGET) == budget), None)
+        curves = {}
+        for method in BUDGETED:
+            budgets = sorted({r.get("token_budget", DEFAULT_BUDGET) for r in budgeted if r["method"] == method
+                              and (r["model"], r["ctx"], r["batch"]) == (shape, ctx, batch)})
+            if len(budgets) > 1:
+                curves[method] = [(b, latest(method, b)) for b in budgets]
+        if not curves:
+            continue
+        fig, ax = plt.subplots(figsize=(6, 4))
+        for method, points in curves.items():
+            ax.plot([b for b, _ in points], [r["ms"] for _, r in points], marker="o",
+                    label=label(method).split(" (")[0])
+            for b, r in points:
+                ax.annotate(f"{r['x_floor']:.2f}x floor", (b, r["ms"]), textcoords="offset points", xytext=(4, 4),
+                            fontsize=7)
+        dense = latest("dense", DEFAULT_BUDGET)
+        if dense is not None:
+            ax.axhline(dense["ms"], color="black", linewidth=0.8, label=f"kvcompile dense ({dense['ms']:.2f} ms)")
+            ax.axhline(dense["ms"] / 2.1, color="gray", linestyle=":", linewidth=0.8, label="dense / 2.1")
+        ax.set_xscale("log", base=2)
+        ticks = sorted({b for points in curves.values() for b, _ in points})
+        ax.set_xticks(ticks, [f"{b:,}" for b in ticks])
+        ax.set_ylim(bottom=0)
+        ax.set_xlabel("token budget")
+        ax.set_ylabel("ms per decode step")
+        ax.set_title(f"{shape}, ctx {ctx // 1024}k, batch {batch}: step latency by budget")
+        ax.legend(fontsize=8)
+        fig.tight_layout()
+        fig.savefig(figures / f"decode_{shape}_budgets_b{batch}.png", dpi=110)
         plt.close(fig)
 
 
