@@ -24,6 +24,12 @@ def kernel_device() -> str:
     return "cpu" if os.environ.get("TRITON_INTERPRET") == "1" else "cuda"
 
 
+# Tests of a CUDA op path whose Triton kernels must run compiled (not interpreted).
+compiled_kernels_only = pytest.mark.skipif(
+    not torch.cuda.is_available() or kernel_device() == "cpu",
+    reason="needs a GPU and the Triton kernels compiled (TRITON_INTERPRET=0)")
+
+
 def rel_err(a, b):
     """Largest absolute difference relative to the largest magnitude of `b`."""
     return ((a - b).abs().max() / b.abs().max()).item()

@@ -1,12 +1,12 @@
 """`soft_votes`, TokenSelect's criterion: its definition's sums, and on CUDA (skipped without a GPU) its Triton
 kernels compiled against the CPU definition (`tests/test_sparse_decode_kernel.py` runs them under the
 interpreter)."""
-import os
-
 import pytest
 import torch
 
 from kvcompile.ops.sparse_attention import soft_votes
+
+from conftest import compiled_kernels_only
 
 INF = float("inf")
 
@@ -26,8 +26,7 @@ def test_each_head_with_a_candidate_casts_one_vote_over_the_candidates():
     assert torch.allclose(votes.masked_fill(~candidates, 0.0).sum(1), torch.tensor([3.0, 4.0, 4.0]))
 
 
-@pytest.mark.skipif(not torch.cuda.is_available() or os.environ.get("TRITON_INTERPRET") == "1",
-                    reason="the CUDA path of soft_votes needs a GPU and its kernels compiled (TRITON_INTERPRET=0)")
+@compiled_kernels_only
 @pytest.mark.parametrize("batch,heads,n", [(2, 5, 300), (8, 32, 32777)], ids=["small", "8b-shape"])
 def test_soft_votes_on_cuda_equal_the_definition(batch, heads, n):
     logits, candidates = _logits_and_candidates(batch, heads, n, seed=n)

@@ -1,12 +1,12 @@
 """`topk_slots`, the selection ops' top-k: which slots it picks, ties, the scratch slot; on CUDA (skipped
 without a GPU) its Triton kernel against the packed keys of the CPU path (`tests/test_triton_topk.py` runs that
 kernel under the interpreter)."""
-import os
-
 import pytest
 import torch
 
 from kvcompile.ops.sparse_attention import topk_slots
+
+from conftest import compiled_kernels_only
 
 INF = float("inf")
 
@@ -40,8 +40,7 @@ def _tied_scores(rows: int, n: int, levels: int, seed: int) -> torch.Tensor:
     return scores
 
 
-@pytest.mark.skipif(not torch.cuda.is_available() or os.environ.get("TRITON_INTERPRET") == "1",
-                    reason="the CUDA path of topk_slots needs a GPU and its kernel compiled (TRITON_INTERPRET=0)")
+@compiled_kernels_only
 @pytest.mark.parametrize("rows,n,k,levels", [(4, 100, 30, 3), (64, 32777, 2047, 7), (64, 32777, 2047, 4096),
                                               (8, 5000, 5000, 2), (3, 1 << 17, 4096, 50)])
 def test_topk_slots_on_cuda_picks_the_same_slots_as_the_packed_keys(rows, n, k, levels):

@@ -14,12 +14,9 @@ pytest.importorskip("triton")
 from kvcompile.ops import decode, quantization, triton_quantize  # noqa: E402
 from kvcompile.ops.quantization import empty_state, free_high_rows, quantize_into, select_salient  # noqa: E402
 
+from conftest import kernel_device  # noqa: E402
+
 B, HKV, T, D = 3, 2, 24, 16
-
-
-def _device() -> str:
-    """The interpreter runs on CPU tensors; a real launch needs CUDA ones."""
-    return "cpu" if os.environ.get("TRITON_INTERPRET") == "1" else "cuda"
 
 
 def _blocks(dtype, seed, integers=False, seq=T):
@@ -43,14 +40,14 @@ def _blocks(dtype, seed, integers=False, seq=T):
 def _quantized_state(blocks, bits, dtype, channel=None):
     """The state after appending `blocks` with `quantize_into`, on the kernel's device."""
     T = blocks[0][0].shape[2]
-    state = empty_state(B, HKV, D, 2 * T, high_bits=bits[0], low_bits=bits[1], dtype=dtype, device=_device())
+    state = empty_state(B, HKV, D, 2 * T, high_bits=bits[0], low_bits=bits[1], dtype=dtype, device=kernel_device())
     if channel is not None:
         state.keys.channel.fill_(channel)
         state.values.channel.fill_(channel)
     for k, v, scores, count in blocks:
         valid = torch.arange(T) < count[:, None]
         salient = select_salient(scores, valid, 0.6, free_high_rows(state).cpu())
-        dev = _device()
+        dev = kernel_device()
         quantize_into(state, k.to(dev), v.to(dev), salient.to(dev), count.to(dev))
     return state
 

@@ -21,7 +21,7 @@ try:
 except ImportError:
     triton = None
 
-__all__ = ["dependent_launch", "nvidia_native", "wait_for_producers"]
+__all__ = ["dependent_launch", "let_dependents_launch", "nvidia_native", "wait_for_producers"]
 
 
 def nvidia_native(t: torch.Tensor) -> bool:
@@ -49,3 +49,9 @@ if triton is not None:
         first statement of every kernel here that is launched with `launch_pdl`."""
         if PDL:
             tl.extra.cuda.gdc_wait()
+
+    @triton.jit
+    def let_dependents_launch(PDL: tl.constexpr):
+        """With PDL: let the next kernel launch now (it still waits for this one to finish before reading)."""
+        if PDL:
+            tl.extra.cuda.gdc_launch_dependents()

@@ -45,7 +45,7 @@ MAX_ROWS = 16  # one tile of rows: a decode step's batch; more rows are a produc
 
 
 if triton is not None:
-    from kvcompile.ops.dependent_launch import wait_for_producers
+    from kvcompile.ops.dependent_launch import let_dependents_launch, wait_for_producers
 
     @triton.jit
     def _product(X, W, offs_n, M, N, K, stride_xm, stride_xk, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
@@ -78,9 +78,7 @@ if triton is not None:
         acc = _product(X, W, offs_n, M, N, K, stride_xm, stride_xk, BLOCK_M, BLOCK_N, BLOCK_K, DOT_PRECISION)
         if HAS_BIAS:
             acc += tl.load(BIAS + offs_n, mask=n_mask, other=0.0).to(tl.float32)[None, :]
-        if PDL:
-            # Every read is done: the next kernel may launch (it waits for this one to finish before reading).
-            tl.extra.cuda.gdc_launch_dependents()
+        let_dependents_launch(PDL)  # every read is done
         tl.store(Y + offs_m[:, None] * stride_ym + offs_n[None, :], acc.to(Y.dtype.element_ty),
                  mask=(offs_m < M)[:, None] & n_mask[None, :])
 
@@ -95,8 +93,7 @@ if triton is not None:
         offs_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
         gate = _product(X, WG, offs_n, M, N, K, stride_xm, stride_xk, BLOCK_M, BLOCK_N, BLOCK_K, DOT_PRECISION)
         up = _product(X, WU, offs_n, M, N, K, stride_xm, stride_xk, BLOCK_M, BLOCK_N, BLOCK_K, DOT_PRECISION)
-        if PDL:
-            tl.extra.cuda.gdc_launch_dependents()
+        let_dependents_launch(PDL)  # every read is done
         dtype = Y.dtype.element_ty
         gate = gate.to(dtype).to(tl.float32)
         activation = (gate / (1.0 + tl.exp(-gate))).to(dtype).to(tl.float32)

@@ -146,7 +146,6 @@ if triton is not None:
         tl.store(MASS + group * N + offs_n, tl.where(tl.max(seen.to(tl.int32), 0) > 0, mass, float("-inf")),
                  mask=n_mask)
 
-
     @triton.jit
     def _vote_partials_kernel(LOGITS, CANDIDATES, MAX, SUM, N, HQ, CHUNK: tl.constexpr, PDL: tl.constexpr):
         """For one (row, query head) and a chunk of slots: the largest logit among the candidate slots and the
