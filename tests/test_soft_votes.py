@@ -5,6 +5,7 @@ import pytest
 import torch
 
 from kvcompile.ops.sparse_attention import soft_votes
+from kvcompile.ops.triton_tokenselect import soft_votes_triton
 
 from conftest import compiled_kernels_only
 
@@ -28,9 +29,9 @@ def test_each_head_with_a_candidate_casts_one_vote_over_the_candidates():
 
 @compiled_kernels_only
 @pytest.mark.parametrize("batch,heads,n", [(2, 5, 300), (8, 32, 32777)], ids=["small", "8b-shape"])
-def test_soft_votes_on_cuda_equal_the_definition(batch, heads, n):
+def test_soft_votes_kernels_on_cuda_equal_the_definition(batch, heads, n):
     logits, candidates = _logits_and_candidates(batch, heads, n, seed=n)
     on_cpu = soft_votes(logits, candidates)
-    on_gpu = soft_votes(logits.cuda(), candidates.cuda()).cpu()
+    on_gpu = soft_votes_triton(logits.cuda(), candidates.cuda()).cpu()
     assert torch.equal(on_gpu == -INF, on_cpu == -INF)
     assert torch.allclose(on_gpu, on_cpu, rtol=1e-5, atol=1e-9)

@@ -21,7 +21,8 @@ if not isinstance(triton.language.standard.zeros, InterpretedFunction):
 from kvcompile.ops.sparse_attention import (attend_per_head, gather_slots, slot_positions,  # noqa: E402
                                             soft_votes, tokenselect_choice)
 from kvcompile.ops.triton_sparse_decode import (decode_over_slots, group_mass, select_decode_step,  # noqa: E402
-                                                soft_votes_triton, sparse_decode_step, tokenselect_step)
+                                                sparse_decode_step)
+from kvcompile.ops.triton_tokenselect import soft_votes_triton, tokenselect_step  # noqa: E402
 
 SINKS, WINDOW = 3, 12
 
@@ -175,21 +176,25 @@ def test_op_fast_paths_match_definitions(layout):
     assert all(torch.equal(x, y) for x, y in zip(a[4:7], b[4:7]))
 
 
-@pytest.mark.parametrize("criterion", ["torch", "kernels"])
-def test_tokenselect_fast_path_matches_definition_with_the_selection_cache(monkeypatch, criterion):
-    s, _ = _state("dense", N=48)
+@pytest.mark.parametrize("chunk", [2048, 16], ids=["one-chunk", "three-chunks"])
+@pytest.mark.parametrize("layout", ["dense", "ring"])
+def test_tokenselect_fast_path_matches_definition_with_the_selection_cache(monkeypatch, layout, chunk):
+    monkeypatch.setattr("kvcompile.ops.triton_tokenselect._CHUNK", chunk)  # slots per program
+    s, gen = _state(layout, B=4, N=48)
     q, _, _, _, k_cache, _, slot_pos, positions = _as_op_args(s)
+    slot_pos[2, 8:] = -1  # a row whose visible tokens all fit in the budget: it reads them all
+    positions[3] = -1  # a padding row: it sees nothing
     fingerprint = q + 0.01
-    states = [(torch.zeros(2, 6 * 16), torch.zeros(2, 9, dtype=torch.long)) for _ in range(2)]
-    args = (s["sink_tokens"], s["window_tokens"], 2, 4, 9, 0.95)
-    for step in range(3):  # a fresh choice, then reuse (same query), then a fresh one (another query)
+    states = [(torch.zeros(4, 6 * 16), torch.zeros(4, 5, dtype=torch.long)) for _ in range(2)]
+    args = (s["sink_tokens"], s["window_tokens"], 2, 4, 5, 0.95)  # 2 init + 3 local + top 5 = 10 slots
+    # A fresh choice; then the same query one position on over other keys: the stored choice is reused (in the
+    # ring layout a chosen token leaves the window); then another query: a fresh choice again.
+    for step in range(3):
         query = q if step < 2 else torch.randn_like(q)
-        with monkeypatch.context() as patch:
-            if criterion == "kernels":  # the soft votes and the top-k take their Triton kernels, as on CUDA
-                patch.setattr("kvcompile.ops.decode.kernels_for", lambda t: True)
-            fast = tokenselect_step(query, fingerprint if step < 2 else query, k_cache, slot_pos, positions,
-                                    *states[0], *args)
-        ref = tokenselect_choice(query, fingerprint if step < 2 else query, k_cache, slot_pos, positions,
-                                 *states[1], *args)
+        keys = k_cache if step == 0 else torch.randn(k_cache.shape, generator=gen)
+        at = torch.where(positions >= 0, positions + step, positions)
+        fast = tokenselect_step(query, fingerprint if step < 2 else query, keys, slot_pos, at, *states[0], *args)
+        ref = tokenselect_choice(query, fingerprint if step < 2 else query, keys, slot_pos, at, *states[1], *args)
         assert torch.equal(fast.sort(-1).values, ref.sort(-1).values)
-        assert torch.equal(states[0][1].sort(-1).values, states[1][1].sort(-1).values)
+        assert torch.equal(states[0][0], states[1][0])  # the fingerprints
+        assert torch.equal(states[0][1].sort(-1).values, states[1][1].sort(-1).values)  # the stored choices

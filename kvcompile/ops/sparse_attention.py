@@ -7,7 +7,7 @@ made in one layer means the same tokens in every layer whose cache has the same 
 nothing points at the scratch slot (the last one), whose position is always -1, so it is never visible.
 
 Three operators, each with a plain PyTorch definition (used on CPU and by the tests), a fake implementation,
-and Triton kernels on CUDA (`kvcompile.ops.triton_sparse_decode`):
+and Triton kernels on CUDA (`kvcompile.ops.triton_sparse_decode`, TokenSelect's `kvcompile.ops.triton_tokenselect`):
 
 - `kvcompile::cached_attention_select` — full attention, like `cached_attention`, that also returns the
   `K` visible cached slots with the most attention per KV head (probabilities summed over the group's query
@@ -24,7 +24,7 @@ rule as `cached_attention` (positions, sinks and window).
 """
 from __future__ import annotations
 
-from typing import Callable, Optional
+from typing import Optional
 
 import torch
 from torch import Tensor
@@ -163,11 +163,7 @@ def _(q, q_sink, k, v, k_cache, v_cache, slot_pos, positions, indices, sink_toke
 def soft_votes(logits: Tensor, candidates: Tensor) -> Tensor:
     """TokenSelect's per-head soft voting: softmax of each head's q·k over the candidate slots, summed over
     all heads. `logits` [B, Hq, N] (unscaled q·k), `candidates` [B, N] -> votes [B, N] (-inf off candidates).
-    Where `decode.kernels_for(logits)` allows the kernels, two Triton kernels (`soft_votes_triton`)."""
-    from kvcompile.ops import decode
-    if decode.kernels_for(logits):
-        from kvcompile.ops.triton_sparse_decode import soft_votes_triton
-        return soft_votes_triton(logits, candidates)
+    On the GPU, `kvcompile.ops.triton_tokenselect.soft_votes_triton`."""
     masked = logits.float().masked_fill(~candidates[:, None, :], NEG_INF)
     votes = torch.softmax(masked, dim=-1).nan_to_num(0.0).sum(dim=1)
     return votes.masked_fill(~candidates, NEG_INF)
@@ -182,13 +178,9 @@ def query_similarity(fingerprint: Tensor, cached: Tensor) -> Tensor:
 
 def tokenselect_choice(q: Tensor, q_fingerprint: Tensor, k_cache: Tensor, slot_pos: Tensor, positions: Tensor,
                        fingerprints: Tensor, selected: Tensor, sink_tokens: int, window_tokens: int,
-                       init_tokens: int, local_tokens: int, top_k: int, threshold: float,
-                       logits_of: Optional[Callable[[Tensor], Tensor]] = None) -> Tensor:
-    """The definition of `tokenselect_indices` (see there).
-
-    Kernels plug in through `logits_of(skip_rows [B] bool) -> logits [B, Hq, N]` (unscaled q·k; rows flagged in
-    `skip_rows` are not needed).
-    """
+                       init_tokens: int, local_tokens: int, top_k: int, threshold: float) -> Tensor:
+    """The definition of `tokenselect_indices` (see there); its kernels are
+    `kvcompile.ops.triton_tokenselect.tokenselect_step`."""
     batch, q_heads, _, head_dim = q.shape
     kv_heads, n = k_cache.shape[1], k_cache.shape[2]
     scratch = n - 1
@@ -203,12 +195,9 @@ def tokenselect_choice(q: Tensor, q_fingerprint: Tensor, k_cache: Tensor, slot_p
     reuse = sparse & (query_similarity(fingerprint, fingerprints.float()) >= threshold)
     refresh = sparse & ~reuse
 
-    if logits_of is not None:
-        logits = logits_of(~refresh)
-    else:
-        group = q_heads // kv_heads
-        grouped = q[:, :, -1].float().view(batch, kv_heads, group, head_dim)
-        logits = torch.einsum("bkgd,bknd->bkgn", grouped, k_cache.float()).reshape(batch, q_heads, n)
+    group = q_heads // kv_heads
+    grouped = q[:, :, -1].float().view(batch, kv_heads, group, head_dim)
+    logits = torch.einsum("bkgd,bknd->bkgn", grouped, k_cache.float()).reshape(batch, q_heads, n)
     fresh = topk_slots(soft_votes(logits, middle), top_k, scratch)
     chosen = torch.where(reuse[:, None], selected, fresh)
     fingerprints.copy_(torch.where(refresh[:, None], fingerprint.to(fingerprints.dtype), fingerprints))
@@ -237,7 +226,7 @@ def tokenselect_indices(q: Tensor, q_fingerprint: Tensor, k_cache: Tensor, slot_
     Returns int64 [B, Hkv, init_tokens + local_tokens - 1 + top_k].
     """
     if _fast_path(q):
-        from kvcompile.ops.triton_sparse_decode import tokenselect_step
+        from kvcompile.ops.triton_tokenselect import tokenselect_step
         return tokenselect_step(q, q_fingerprint, k_cache, slot_pos, positions, fingerprints, selected,
                                 sink_tokens, window_tokens, init_tokens, local_tokens, top_k, threshold)
     return tokenselect_choice(q, q_fingerprint, k_cache, slot_pos, positions, fingerprints, selected, sink_tokens,

@@ -12,8 +12,8 @@ and decode steps stay capturable in CUDA graphs.
 
 A selection layer's criterion, each KV head's attention mass per slot, comes from the stored scores and
 log-sum-exps in one more kernel (`group_mass`); the top-k after it is `kvcompile.ops.sparse_attention.topk_slots`
-(on the GPU a Triton radix select, `kvcompile.ops.triton_topk`). TokenSelect's criterion, every query head's
-softmax over the candidate slots summed, takes two (`soft_votes_triton`).
+(on the GPU a Triton radix select, `kvcompile.ops.triton_topk`). TokenSelect's choice, which scores with this
+kernel too, has its own kernels (`kvcompile.ops.triton_tokenselect`).
 
 Everything here also runs on CPU tensors under `TRITON_INTERPRET=1` (that is how the tests run it).
 """
@@ -34,8 +34,7 @@ try:
 except ImportError:  # the module stays importable; calling a kernel raises instead
     triton = None
 
-__all__ = ["decode_over_slots", "group_mass", "select_decode_step", "soft_votes_triton", "sparse_decode_step",
-           "tokenselect_step", "triton_available"]
+__all__ = ["decode_over_slots", "group_mass", "select_decode_step", "sparse_decode_step", "triton_available"]
 
 
 if triton is not None:
@@ -146,49 +145,6 @@ if triton is not None:
         tl.store(MASS + group * N + offs_n, tl.where(tl.max(seen.to(tl.int32), 0) > 0, mass, float("-inf")),
                  mask=n_mask)
 
-    @triton.jit
-    def _vote_partials_kernel(LOGITS, CANDIDATES, MAX, SUM, N, HQ, CHUNK: tl.constexpr, PDL: tl.constexpr):
-        """For one (row, query head) and a chunk of slots: the largest logit among the candidate slots and the
-        sum of exp(logit - it) over them (-inf and 0 without candidates; -inf and NaN when every candidate's logit
-        is -inf, which `_votes_kernel` leaves out like the former)."""
-        wait_for_producers(PDL)
-        head = tl.program_id(0).to(tl.int64)  # row * HQ + query head
-        chunk = tl.program_id(1)
-        offs = chunk * CHUNK + tl.arange(0, CHUNK)
-        n_mask = offs < N
-        candidate = tl.load(CANDIDATES + (head // HQ) * N + offs, mask=n_mask, other=0) != 0
-        x = tl.load(LOGITS + head * N + offs, mask=candidate, other=float("-inf"))
-        largest = tl.max(x, 0)
-        total = tl.sum(tl.where(candidate, tl.exp(x - largest), 0.0), 0)
-        tl.store(MAX + head * tl.num_programs(1) + chunk, largest)
-        tl.store(SUM + head * tl.num_programs(1) + chunk, total)
-
-    @triton.jit
-    def _votes_kernel(LOGITS, CANDIDATES, MAX, SUM, VOTES, N, HQ, CHUNKS, BLOCK_H: tl.constexpr,
-                      BLOCK_C: tl.constexpr, BLOCK_N: tl.constexpr, PDL: tl.constexpr):
-        """For one row and a block of slots: each query head's softmax over the row's candidate slots (its
-        log-sum-exp from the chunks' partials), summed over the heads; -inf off the candidates."""
-        wait_for_producers(PDL)
-        row = tl.program_id(0).to(tl.int64)
-        offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
-        heads = tl.arange(0, BLOCK_H)
-        chunks = tl.arange(0, BLOCK_C)
-        partial = (row * HQ + heads[:, None]) * CHUNKS + chunks[None, :]
-        partial_mask = (heads < HQ)[:, None] & (chunks < CHUNKS)[None, :]
-        largest = tl.load(MAX + partial, mask=partial_mask, other=float("-inf"))
-        head_max = tl.max(largest, 1)
-        seen = largest > float("-inf")
-        total = tl.sum(tl.where(seen, tl.load(SUM + partial, mask=partial_mask, other=0.0)
-                                * tl.exp(largest - head_max[:, None]), 0.0), 1)
-        lse = head_max + tl.log(total)  # -inf for a head without candidates (it votes nothing)
-        n_mask = offs_n < N
-        candidate = tl.load(CANDIDATES + row * N + offs_n, mask=n_mask, other=0) != 0
-        x = tl.load(LOGITS + (row * HQ + heads[:, None]) * N + offs_n[None, :],
-                    mask=(heads < HQ)[:, None] & candidate[None, :], other=float("-inf"))
-        counted = (x > float("-inf")) & (lse > float("-inf"))[:, None]
-        votes = tl.sum(tl.where(counted, tl.exp(x - lse[:, None]), 0.0), 0)
-        tl.store(VOTES + row * N + offs_n, tl.where(candidate, votes, float("-inf")), mask=n_mask)
-
 
 def _require_triton() -> None:
     if triton is None:
@@ -274,28 +230,6 @@ def group_mass(scores: Tensor, lse: Tensor) -> Tensor:
     return mass
 
 
-def soft_votes_triton(logits: Tensor, candidates: Tensor) -> Tensor:
-    """`sparse_attention.soft_votes` (TokenSelect's criterion) in two kernels: each (row, query head, chunk of
-    slots) reduces its candidates' logits to a max and a sum of exponentials, then each (row, block of slots)
-    sums every head's probability. `logits` [B, Hq, N] float32, `candidates` [B, N] bool -> votes [B, N]."""
-    _require_triton()
-    B, Hq, N = logits.shape
-    votes = torch.empty(B, N, device=logits.device, dtype=torch.float32)
-    if votes.numel() == 0:
-        return votes
-    CHUNK, BLOCK_N = 4096, 256
-    chunks = triton.cdiv(N, CHUNK)
-    largest, total = (torch.empty(B * Hq, chunks, device=logits.device, dtype=torch.float32) for _ in range(2))
-    logits, flags = logits.float().contiguous(), candidates.to(torch.int8).contiguous()
-    pdl = dependent_launch(logits)
-    _vote_partials_kernel[(B * Hq, chunks)](logits, flags, largest, total, N, Hq, CHUNK=CHUNK, PDL=pdl,
-                                            num_warps=4, launch_pdl=pdl)
-    _votes_kernel[(B, triton.cdiv(N, BLOCK_N))](
-        logits, flags, largest, total, votes, N, Hq, chunks, BLOCK_H=triton.next_power_of_2(Hq),
-        BLOCK_C=triton.next_power_of_2(chunks), BLOCK_N=BLOCK_N, PDL=pdl, num_warps=4, launch_pdl=pdl)
-    return votes
-
-
 # --- the ops' fast paths (decode steps: q [B, Hq, 1, D]) -----------------------------------------------------
 def sparse_decode_step(q, q_sink, k, v, k_cache, v_cache, slot_pos, positions, indices, sink_tokens,
                        window_tokens, scale):
@@ -321,23 +255,3 @@ def select_decode_step(q, q_sink, k, v, k_cache, v_cache, slot_pos, positions, s
     indices = topk_slots(group_mass(scores, lse), num_selected, scores.shape[-1] - 1)
     write_token(k, v, k_cache, v_cache, slot_pos, positions[:, 0].contiguous(), sink_tokens, window_tokens)
     return out[:, :, None].to(q.dtype), indices
-
-
-def tokenselect_step(q, q_fingerprint, k_cache, slot_pos, positions, fingerprints, selected, sink_tokens,
-                     window_tokens, init_tokens, local_tokens, top_k, threshold):
-    """`tokenselect_indices` with the scores from the kernel (rows that reuse their selection, or read every
-    token, are skipped on the device)."""
-    from kvcompile.ops.sparse_attention import tokenselect_choice
-    B, Hq, _, D = q.shape
-    Hkv = k_cache.shape[1]
-
-    def logits_of(skip_rows: Tensor) -> Tensor:
-        zeros = k_cache.new_zeros(B, Hkv, D)
-        _, _, scores = decode_over_slots(q[:, :, 0], None, zeros, zeros, k_cache, k_cache, slot_pos,
-                                         positions[:, 0], None, sink_tokens, window_tokens, 1.0, scores=True,
-                                         score_scale=1.0, compute_out=False, skip=skip_rows.to(torch.int8))
-        return scores.view(B, Hq, -1)
-
-    return tokenselect_choice(q, q_fingerprint, k_cache, slot_pos, positions, fingerprints, selected, sink_tokens,
-                              window_tokens, init_tokens, local_tokens, top_k, threshold, logits_of=logits_of)
-
