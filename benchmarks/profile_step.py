@@ -2,6 +2,7 @@
 
     python benchmarks/profile_step.py --methods tidaldecode zipcache --batch 8 --ctx 32768
     python benchmarks/profile_step.py --backend inductor --methods dense --batch 1
+    python benchmarks/profile_step.py --backend inductor --methods tokenselect --batch 8 1
 
 With `--backend eager` (default) the kernels of one eager step (Inductor's fusion left out); with `--backend
 inductor` those of the compiled step, beside the step's CUDA-graph replay time: what the kernels do not
@@ -10,6 +11,7 @@ account for is host time and launch gaps (the replay is timed with a host synchr
 from __future__ import annotations
 
 import argparse
+import itertools
 import sys
 from pathlib import Path
 
@@ -42,21 +44,23 @@ def profile_method(model, method: str, batch: int, ctx: int, rows: int, backend:
     bench.fill_kvcompile_cache(opt, ctx)
     if "zipcache" in method:
         bench.fill_zipcache(opt, ctx)
-    tokens = torch.zeros(batch, 1, dtype=torch.long, device=opt.device)
+    # Calls alternate between two tokens, so TokenSelect's selection cache chooses afresh every call, as in the
+    # benchmark's greedy steps (the same query twice would reuse the choice and skip the scoring).
+    tokens = itertools.cycle([torch.full((batch, 1), t, dtype=torch.long, device=opt.device) for t in (0, 1)])
     pos = torch.full((batch, 1), ctx, dtype=torch.long, device=opt.device)
     title = f"{method}, {backend}, batch {batch}, ctx {ctx}"
     with torch.no_grad():
         if backend == "eager":
             step = opt.steps[1].module
-            for _ in range(2):
-                step(tokens, pos)
+            for _ in range(3):
+                step(next(tokens), pos)
             torch.cuda.synchronize()
-            kernel_table(lambda: step(tokens, pos), rows, title)
+            kernel_table(lambda: step(next(tokens), pos), rows, title)
         else:
             lowered = opt._lowered[1]
-            opt.run_step(tokens, pos)  # compile and capture
-            kernels = kernel_table(lambda: lowered.compiled(tokens, pos), rows, title)
-            replay = bench.median_ms(lambda: opt.run_step(tokens, pos), repeats=30)
+            opt.run_step(next(tokens), pos)  # compile and capture
+            kernels = kernel_table(lambda: lowered.compiled(next(tokens), pos), rows, title)
+            replay = bench.median_ms(lambda: opt.run_step(next(tokens), pos), repeats=30)
             print(f"CUDA-graph replay {replay:.3f} ms; kernels {kernels:.3f} ms; gaps {replay - kernels:.3f} ms",
                   flush=True)
     for name in opt.state.specs:
