@@ -11,7 +11,6 @@ account for is host time and launch gaps (the replay is timed with a host synchr
 from __future__ import annotations
 
 import argparse
-import itertools
 import sys
 from pathlib import Path
 
@@ -40,27 +39,28 @@ def profile_method(model, method: str, batch: int, ctx: int, rows: int, backend:
     import kvcompile
 
     opt = kvcompile.optimize(model, bench.kvcompile_passes(method), backend=backend, prefill_chunk=1)
-    opt.reserve(batch, ctx + 8)
+    calls = 40  # every call below decodes the next position, as the benchmark's steps do
+    opt.reserve(batch, ctx + calls + 1)
     bench.fill_kvcompile_cache(opt, ctx)
     if "zipcache" in method:
         bench.fill_zipcache(opt, ctx)
-    # Calls alternate between two tokens, so TokenSelect's selection cache chooses afresh every call, as in the
-    # benchmark's greedy steps (the same query twice would reuse the choice and skip the scoring).
-    tokens = itertools.cycle([torch.full((batch, 1), t, dtype=torch.long, device=opt.device) for t in (0, 1)])
-    pos = torch.full((batch, 1), ctx, dtype=torch.long, device=opt.device)
+    # The tokens alternate, so TokenSelect's selection cache chooses afresh every call, as in the benchmark's
+    # greedy steps (the same query twice would reuse the choice and skip the scoring).
+    inputs = iter([(torch.full((batch, 1), i % 2, dtype=torch.long, device=opt.device),
+                    torch.full((batch, 1), ctx + i, dtype=torch.long, device=opt.device)) for i in range(calls)])
     title = f"{method}, {backend}, batch {batch}, ctx {ctx}"
     with torch.no_grad():
         if backend == "eager":
             step = opt.steps[1].module
             for _ in range(3):
-                step(next(tokens), pos)
+                step(*next(inputs))
             torch.cuda.synchronize()
-            kernel_table(lambda: step(next(tokens), pos), rows, title)
+            kernel_table(lambda: step(*next(inputs)), rows, title)
         else:
             lowered = opt._lowered[1]
-            opt.run_step(next(tokens), pos)  # compile and capture
-            kernels = kernel_table(lambda: lowered.compiled(next(tokens), pos), rows, title)
-            replay = bench.median_ms(lambda: opt.run_step(next(tokens), pos), repeats=30)
+            opt.run_step(*next(inputs))  # compile and capture
+            kernels = kernel_table(lambda: lowered.compiled(*next(inputs)), rows, title)
+            replay = bench.median_ms(lambda: opt.run_step(*next(inputs)), repeats=30)
             print(f"CUDA-graph replay {replay:.3f} ms; kernels {kernels:.3f} ms; gaps {replay - kernels:.3f} ms",
                   flush=True)
     for name in opt.state.specs:

@@ -176,23 +176,28 @@ def test_op_fast_paths_match_definitions(layout):
     assert all(torch.equal(x, y) for x, y in zip(a[4:7], b[4:7]))
 
 
-@pytest.mark.parametrize("chunk", [2048, 16], ids=["one-chunk", "three-chunks"])
+@pytest.mark.parametrize("threshold", [0.95, 1.0])
+@pytest.mark.parametrize("blocks", [(2048, 1024), (16, 4)], ids=["one-block", "small-blocks"])
 @pytest.mark.parametrize("layout", ["dense", "ring"])
-def test_tokenselect_fast_path_matches_definition_with_the_selection_cache(monkeypatch, layout, chunk):
-    monkeypatch.setattr("kvcompile.ops.triton_tokenselect._CHUNK", chunk)  # slots per program
+def test_tokenselect_fast_path_matches_definition_with_the_selection_cache(monkeypatch, layout, blocks, threshold):
+    # Slots per (row, chunk) program and read-set entries per (row, block) program: small ones make several.
+    monkeypatch.setattr("kvcompile.ops.triton_tokenselect._CHUNK", blocks[0])
+    monkeypatch.setattr("kvcompile.ops.triton_tokenselect._OUT_BLOCK", blocks[1])
     s, gen = _state(layout, B=4, N=48)
     q, _, _, _, k_cache, _, slot_pos, positions = _as_op_args(s)
     slot_pos[2, 8:] = -1  # a row whose visible tokens all fit in the budget: it reads them all
     positions[3] = -1  # a padding row: it sees nothing
     fingerprint = q + 0.01
     states = [(torch.zeros(4, 6 * 16), torch.zeros(4, 5, dtype=torch.long)) for _ in range(2)]
-    args = (s["sink_tokens"], s["window_tokens"], 2, 4, 5, 0.95)  # 2 init + 3 local + top 5 = 10 slots
+    args = (s["sink_tokens"], s["window_tokens"], 2, 4, 5, threshold)  # 2 init + 3 local + top 5 = 10 slots
     # A fresh choice; then the same query one position on over other keys: the stored choice is reused (in the
     # ring layout a chosen token leaves the window); then another query: a fresh choice again.
     for step in range(3):
         query = q if step < 2 else torch.randn_like(q)
         keys = k_cache if step == 0 else torch.randn(k_cache.shape, generator=gen)
         at = torch.where(positions >= 0, positions + step, positions)
+        if step == 1:  # the lowest stored slot of rows 0-1 now holds the query's position: pinned, one too many
+            slot_pos[torch.arange(2), states[1][1][:2].min(-1).values] = at[:2, 0]
         fast = tokenselect_step(query, fingerprint if step < 2 else query, keys, slot_pos, at, *states[0], *args)
         ref = tokenselect_choice(query, fingerprint if step < 2 else query, keys, slot_pos, at, *states[1], *args)
         assert torch.equal(fast.sort(-1).values, ref.sort(-1).values)

@@ -33,6 +33,9 @@ from kvcompile.ops.cached_attention import attend, visible_keys, write_cache
 from kvcompile.ops.triton_topk import topk_slots_triton
 
 NEG_INF = float("-inf")
+# TokenSelect reuses a choice while cos(query, last) >= threshold - SIMILARITY_SLACK: the slack keeps float
+# rounding (an identical query's similarity comes out 1 +- 1e-7) from deciding, e.g. at threshold 1.0.
+SIMILARITY_SLACK = 1e-6
 
 
 # --- plain helpers (the definition) --------------------------------------------------------------------------
@@ -163,7 +166,7 @@ def _(q, q_sink, k, v, k_cache, v_cache, slot_pos, positions, indices, sink_toke
 def soft_votes(logits: Tensor, candidates: Tensor) -> Tensor:
     """TokenSelect's per-head soft voting: softmax of each head's q·k over the candidate slots, summed over
     all heads. `logits` [B, Hq, N] (unscaled q·k), `candidates` [B, N] -> votes [B, N] (-inf off candidates).
-    On the GPU, `kvcompile.ops.triton_tokenselect.soft_votes_triton`."""
+    Always PyTorch; the GPU path's kernels are `kvcompile.ops.triton_tokenselect.soft_votes_triton`."""
     masked = logits.float().masked_fill(~candidates[:, None, :], NEG_INF)
     votes = torch.softmax(masked, dim=-1).nan_to_num(0.0).sum(dim=1)
     return votes.masked_fill(~candidates, NEG_INF)
@@ -192,7 +195,7 @@ def tokenselect_choice(q: Tensor, q_fingerprint: Tensor, k_cache: Tensor, slot_p
     # Below the budget every visible token is read: dense attention, and the selection cache is left alone.
     sparse = visible.sum(dim=1) > num_selected
     fingerprint = q_fingerprint[:, :, -1].float().reshape(batch, -1)
-    reuse = sparse & (query_similarity(fingerprint, fingerprints.float()) >= threshold)
+    reuse = sparse & (query_similarity(fingerprint, fingerprints.float()) >= threshold - SIMILARITY_SLACK)
     refresh = sparse & ~reuse
 
     group = q_heads // kv_heads
@@ -221,8 +224,9 @@ def tokenselect_indices(q: Tensor, q_fingerprint: Tensor, k_cache: Tensor, slot_
     token makes `local_tokens`). Among the rest, each query head votes with softmax(q·k) (unscaled, as the
     paper's criticality) and the `top_k` slots with the most votes are chosen, one set shared by all heads.
     Selection cache: `fingerprints` [B, Hq*D] holds the query (without rotary) of the last fresh choice and
-    `selected` [B, top_k] its slots; while cos(query, fingerprint) >= `threshold` the stored slots are reused.
-    When every visible token fits in the budget all are read (dense) and the cache is left alone.
+    `selected` [B, top_k] its slots; while cos(query, fingerprint) >= `threshold` (less `SIMILARITY_SLACK`) the
+    stored slots are reused. When every visible token fits in the budget all are read (dense) and the cache is
+    left alone.
     Returns int64 [B, Hkv, init_tokens + local_tokens - 1 + top_k].
     """
     if _fast_path(q):

@@ -11,9 +11,9 @@
 4. The per-head soft votes (`soft_votes_triton`: per head and chunk of slots a max and a sum of exponentials,
    then per block of slots every head's probability summed), and their top-k (`kvcompile.ops.triton_topk`).
 5. `_assemble_kernel`, the read set of every KV head: one program per (row, chunk) lists the chunk's pinned slots
-   (every visible one in a row that reads them all) after those of the chunks before it; one per (row, block of
-   the set) writes the chosen slots after them (the stored choice or the fresh one; any that is no longer a
-   visible candidate reads as scratch), then scratch; a fresh choice is stored.
+   (every visible one in a row that reads them all) after those of the chunks before it; one per (row, block)
+   places that block of the choice (the stored one or the fresh one, without entries that are no longer visible
+   candidates) after them, and scratch past the end; a fresh choice is stored.
 
 The definition (`sparse_attention.tokenselect_choice`) builds the read set from masks with a second top-k; the
 kernels give the same slots in another order (attention does not depend on it). Nothing syncs with the host, so
@@ -25,6 +25,7 @@ import torch
 from torch import Tensor
 
 from kvcompile.ops.dependent_launch import dependent_launch
+from kvcompile.ops.sparse_attention import SIMILARITY_SLACK
 from kvcompile.ops.triton_sparse_decode import decode_over_slots
 from kvcompile.ops.triton_topk import topk_slots_triton
 
@@ -108,9 +109,9 @@ if triton is not None:
                          KV_HEADS: tl.constexpr, CHUNK: tl.constexpr, BLOCK: tl.constexpr, BLOCK_C: tl.constexpr,
                          WINDOWED: tl.constexpr, PDL: tl.constexpr):
         """Row b's read set INDICES [B, KV_HEADS, num_selected]: programs (b, chunk < chunks) list the chunk's
-        pinned slots (a sparse row) or visible ones (a dense row); programs (b, chunks + i) fill block i of the
-        rest with the chosen slots (FRESH [B, top_k] or the stored SELECTED [B, top_k]) and scratch, and store a
-        fresh choice."""
+        pinned slots (a sparse row) or visible ones (a dense row); programs (b, chunks + i) place block i of the
+        choice (FRESH [B, top_k] or the stored SELECTED [B, top_k]) after them, fill block i of the set's tail
+        with scratch, and store a fresh choice."""
         wait_for_producers(PDL)
         b = tl.program_id(0).to(tl.int64)
         program = tl.program_id(1)
@@ -132,23 +133,46 @@ if triton is not None:
                 for h in range(KV_HEADS):
                     tl.store(out + h * num_selected + rank, slots.to(tl.int64), mask=listed & (rank < num_selected))
         else:
-            offs = (program - chunks) * BLOCK + tl.arange(0, BLOCK)
-            n_listed = tl.sum(listed_counts, 0)
-            reuse = tl.load(FLAGS + b * 2 + offs * 0) != 0  # the row's flags, in every lane
-            refresh = tl.load(FLAGS + b * 2 + 1 + offs * 0) != 0
-            j = offs - n_listed
-            is_chosen = (j >= 0) & (j < top_k) & (reuse | refresh)
-            chosen = tl.where(reuse, tl.load(SELECTED + b * top_k + j, mask=is_chosen & reuse, other=scratch),
-                              tl.load(FRESH + b * top_k + j, mask=is_chosen & refresh, other=scratch))
-            pos = tl.load(POS + b * stride_pb + chosen * stride_pn, mask=is_chosen, other=-1)
-            visible, pinned = _visibility(pos, tl.load(QPOS + b), sink_tokens, window_tokens, init_tokens,
-                                          local_tokens, WINDOWED)
-            slot = tl.where(is_chosen & visible & ~pinned, chosen, scratch)
+            # Block i of the choice goes after the listed slots and the valid choices of the blocks before it
+            # (an entry that is no longer a visible candidate is dropped, as the definition drops it); block i of
+            # the read set gets scratch past them all.
+            block = program - chunks
+            lanes = tl.arange(0, BLOCK)
+            reuse = tl.load(FLAGS + b * 2 + lanes * 0) != 0  # the row's flags, in every lane
+            refresh = tl.load(FLAGS + b * 2 + 1 + lanes * 0) != 0
+            qp = tl.load(QPOS + b)
+            before = 0
+            total = 0
+            for first in range(0, top_k, BLOCK):
+                _, valid = _choice(POS, FRESH, SELECTED, b, first + lanes, reuse, refresh, qp, stride_pb, stride_pn,
+                                   top_k, scratch, sink_tokens, window_tokens, init_tokens, local_tokens, WINDOWED)
+                count = tl.sum(valid.to(tl.int32), 0)
+                before += tl.where(first < block * BLOCK, count, 0)
+                total += count
+            chosen, valid = _choice(POS, FRESH, SELECTED, b, block * BLOCK + lanes, reuse, refresh, qp, stride_pb,
+                                    stride_pn, top_k, scratch, sink_tokens, window_tokens, init_tokens,
+                                    local_tokens, WINDOWED)
+            rank = tl.sum(listed_counts, 0) + before + tl.cumsum(valid.to(tl.int32), 0) - 1
+            offs = block * BLOCK + lanes
+            tail = (offs >= tl.sum(listed_counts, 0) + total) & (offs < num_selected)
             for h in range(KV_HEADS):
-                tl.store(out + h * num_selected + offs, slot, mask=(offs >= n_listed) & (offs < num_selected))
+                tl.store(out + h * num_selected + rank, chosen, mask=valid & (rank < num_selected))
+                tl.store(out + h * num_selected + offs, tl.full([BLOCK], scratch, tl.int64), mask=tail)
             if tl.load(FLAGS + b * 2 + 1) != 0:  # a fresh choice: store it
                 keep = offs < top_k
                 tl.store(SELECTED + b * top_k + offs, tl.load(FRESH + b * top_k + offs, mask=keep), mask=keep)
+
+    @triton.jit
+    def _choice(POS, FRESH, SELECTED, b, j, reuse, refresh, qp, stride_pb, stride_pn, top_k, scratch, sink_tokens,
+                window_tokens, init_tokens, local_tokens, WINDOWED: tl.constexpr):
+        """Entries `j` of row b's choice (the stored one where `reuse`, the fresh one where `refresh`): their
+        slots, and which are still visible candidates (visible, not pinned)."""
+        in_choice = (j < top_k) & (reuse | refresh)
+        chosen = tl.where(reuse, tl.load(SELECTED + b * top_k + j, mask=in_choice & reuse, other=scratch),
+                          tl.load(FRESH + b * top_k + j, mask=in_choice & refresh, other=scratch))
+        pos = tl.load(POS + b * stride_pb + chosen * stride_pn, mask=in_choice, other=-1)
+        visible, pinned = _visibility(pos, qp, sink_tokens, window_tokens, init_tokens, local_tokens, WINDOWED)
+        return chosen, in_choice & visible & ~pinned
 
     @triton.jit
     def _vote_partials_kernel(LOGITS, CANDIDATES, MAX, SUM, N, HQ, CHUNK: tl.constexpr, PDL: tl.constexpr):
@@ -232,13 +256,16 @@ def tokenselect_step(q: Tensor, q_fingerprint: Tensor, k_cache: Tensor, slot_pos
     B, Hq, _, D = q.shape
     Hkv, N = k_cache.shape[1], k_cache.shape[2]
     num_selected = init_tokens + local_tokens - 1 + top_k
-    if fingerprints.dtype != torch.float32 or not fingerprints.is_contiguous() or not selected.is_contiguous():
-        raise ValueError("tokenselect_step needs contiguous selection-cache buffers, the fingerprints in float32")
+    if (fingerprints.shape != (B, Hq * D) or fingerprints.dtype != torch.float32 or not fingerprints.is_contiguous()
+            or selected.shape != (B, top_k) or selected.dtype != torch.long or not selected.is_contiguous()):
+        raise ValueError(f"tokenselect_step needs contiguous selection-cache buffers: fingerprints float32 "
+                         f"{(B, Hq * D)} and selected int64 {(B, top_k)}, got {fingerprints.dtype} "
+                         f"{tuple(fingerprints.shape)} and {selected.dtype} {tuple(selected.shape)}")
     device = q.device
     indices = torch.empty(B, Hkv, num_selected, device=device, dtype=torch.long)
     if B == 0:
         return indices
-    q_pos = positions[:, -1]
+    q_pos = positions[:, -1].contiguous()
     fingerprint = q_fingerprint[:, :, -1]
     chunks = triton.cdiv(N, _CHUNK)
     middle = torch.empty(B, N, device=device, dtype=torch.int8)
@@ -251,7 +278,7 @@ def tokenselect_step(q: Tensor, q_fingerprint: Tensor, k_cache: Tensor, slot_pos
     _candidates_kernel[(B, chunks)](slot_pos, q_pos, middle, counts, *slot_pos.stride(), N, CHUNK=_CHUNK,
                                     num_warps=4, **visibility)
     _flags_kernel[(B,)](counts, fingerprint, fingerprints, flags, skip, *fingerprint.stride(), chunks, num_selected,
-                        float(threshold), F=Hq * D, D=D, BLOCK_F=triton.next_power_of_2(Hq * D),
+                        float(threshold) - SIMILARITY_SLACK, F=Hq * D, D=D, BLOCK_F=triton.next_power_of_2(Hq * D),
                         BLOCK_C=triton.next_power_of_2(chunks), PDL=pdl, num_warps=8, launch_pdl=pdl)
     # Scoring only: the new-token arguments are not read.
     _, _, scores = decode_over_slots(q[:, :, 0], None, k_cache[:, :, 0], k_cache[:, :, 0], k_cache, k_cache, slot_pos,

@@ -5,7 +5,8 @@ layer, when more tokens exist than `init + top_k + local`, the query reads the f
 `local` tokens (itself included) and the `top_k` other earlier tokens with the most soft votes: each query head's
 criticality q·k (unscaled), softmax-normalised per head over the candidates and summed over all heads.
 Selection cache: a layer reuses its last fresh choice of top-k tokens while the cosine similarity between the
-current query (all heads, before rotary) and the query that made that choice is at least `threshold`.
+current query (all heads, before rotary) and the query that made that choice is at least `threshold` (less
+the ops' 1e-6 `SIMILARITY_SLACK`, so float rounding of an identical query's similarity does not decide).
 """
 from __future__ import annotations
 
@@ -14,6 +15,7 @@ from typing import Optional
 import torch
 from torch import nn
 
+from kvcompile.ops.sparse_attention import SIMILARITY_SLACK
 from kvcompile.reference.token_by_token import LayerView, TokenByToken, top_tokens
 
 
@@ -33,7 +35,7 @@ class TokenSelectPolicy:
         fingerprint = view.query_unrotated.flatten()
         cached = self.cache.get(view.layer)
         if (cached is not None and self.threshold is not None
-                and torch.cosine_similarity(fingerprint, cached[0], dim=0) >= self.threshold):
+                and torch.cosine_similarity(fingerprint, cached[0], dim=0) >= self.threshold - SIMILARITY_SLACK):
             chosen = cached[1]
         else:
             keys = view.keys[middle].repeat_interleave(view.group, dim=1)        # [M, Hq, D]
