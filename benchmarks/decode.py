@@ -199,9 +199,13 @@ def weight_bytes_read(model) -> int:
     return total
 
 
-def kv_bytes_read(config, batch: int, tokens: int, dtype) -> int:
-    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
-    per_token = config.num_hidden_layers * config.num_key_value_heads * head_dim * 2 * dtype.itemsize
+def head_dim_of(config) -> int:
+    return getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+
+
+def dense_kv_bytes(config, batch: int, tokens: int, dtype) -> int:
+    """Bytes of the keys and values of `tokens` tokens per row in every layer."""
+    per_token = config.num_hidden_layers * config.num_key_value_heads * head_dim_of(config) * 2 * dtype.itemsize
     return batch * tokens * per_token
 
 
@@ -234,7 +238,7 @@ def rel_error(out: torch.Tensor, ref: torch.Tensor) -> tuple[float, float]:
 
 
 # --- the methods ------------------------------------------------------------------------------------------------
-def slot_positions(capacity: int, ctx: int, layout, device) -> torch.Tensor:
+def filled_slot_positions(capacity: int, ctx: int, layout, device) -> torch.Tensor:
     """Positions [capacity] held by each slot once positions 0..ctx-1 were stored (scratch slot last, -1)."""
     slots = torch.arange(capacity - 1, device=device)
     if layout.window_tokens == 0:
@@ -253,7 +257,7 @@ def fill_kvcompile_cache(opt, ctx: int):
     for name, spec in opt.state.specs.items():
         buf = getattr(opt.state, name)
         if spec.role == "positions":
-            buf.copy_(slot_positions(buf.shape[1], ctx, spec.layout, buf.device).expand_as(buf))
+            buf.copy_(filled_slot_positions(buf.shape[1], ctx, spec.layout, buf.device).expand_as(buf))
         elif spec.role in ("keys", "values"):
             buf.normal_(generator=gen)
 
@@ -297,11 +301,10 @@ def fill_zipcache(opt, ctx: int, block: int = 2048):
 def kv_read_bytes(opt, config, method: str, batch: int, visible: int, capacity_tokens: int) -> int:
     """Bytes of cache a decode step of `method` must read with `visible` tokens in the stream."""
     layers = config.num_hidden_layers
-    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
-    k_bytes = batch * config.num_key_value_heads * head_dim * opt.dtype.itemsize  # one token's key in one layer
+    k_bytes = batch * config.num_key_value_heads * head_dim_of(config) * opt.dtype.itemsize  # a token's key, a layer
     sparse = min(visible, BUDGET + 1)
     if method == "dense":
-        return layers * visible * 2 * k_bytes
+        return dense_kv_bytes(config, batch, visible, opt.dtype)
     if method == "streamingllm":
         return layers * sparse * 2 * k_bytes
     if method == "tokenselect":  # criticality reads every key; attention reads the chosen values
@@ -317,14 +320,14 @@ def kv_read_bytes(opt, config, method: str, batch: int, visible: int, capacity_t
     return per_layer_tokens * 2 * k_bytes
 
 
-def check_op(batch: int, ctx: int, window: bool, device) -> float:
-    """decode_step against the op's reference path on random bf16 inputs of the benchmark's shape: the largest
-    of the output's relative L2 error and the caches' max abs difference afterwards."""
+def check_op(config, batch: int, ctx: int, window: bool, device) -> float:
+    """decode_step against the op's reference path on random bf16 inputs of the model's attention shape: the
+    largest of the output's relative L2 error and the caches' max abs difference afterwards."""
     from kvcompile.cache import CacheLayout
     from kvcompile.ops import decode
 
     gen = torch.Generator(device=device).manual_seed(2)
-    hq, hkv, d = 32, 8, 128
+    hq, hkv, d = config.num_attention_heads, config.num_key_value_heads, head_dim_of(config)
     layout = CacheLayout(SINKS, BUDGET - SINKS) if window else CacheLayout()
     slots = layout.capacity(ctx + 1)
 
@@ -334,7 +337,7 @@ def check_op(batch: int, ctx: int, window: bool, device) -> float:
     q, q_sink = rand(batch, hq, 1, d), (rand(batch, hq, 1, d) if window else None)
     k, v = rand(batch, hkv, 1, d), rand(batch, hkv, 1, d)
     state = [rand(batch, hkv, slots, d), rand(batch, hkv, slots, d),
-             slot_positions(slots, ctx, layout, device).repeat(batch, 1)]
+             filled_slot_positions(slots, ctx, layout, device).repeat(batch, 1)]
     positions = torch.full((batch, 1), ctx, device=device)
     args = (positions, layout.sink_tokens, layout.window_tokens, d ** -0.5)
     ref_state = [t.clone() for t in state]
@@ -371,11 +374,11 @@ def run_kvcompile(model, method: str, batch: int, ctx: int, args, cache: dict) -
     if method not in cache:  # each configuration builds its program (earlier ones were dropped, see above)
         t0 = time.perf_counter()
         cache[method] = kvcompile.optimize(model, kvcompile_passes(method), backend=BACKEND, prefill_chunk=1)
-        print(f"  export {method}: {time.perf_counter() - t0:.1f}s", flush=True)
+        print(f"  optimize {method}: {time.perf_counter() - t0:.1f}s", flush=True)
     opt = cache[method]
     reset_peak()
     with_op_check = DEVICE.type == "cuda" and method in ("dense", "streamingllm")
-    op_err = check_op(min(batch, 2), ctx, method != "dense", opt.device) if with_op_check else None
+    op_err = check_op(model.config, min(batch, 2), ctx, method != "dense", opt.device) if with_op_check else None
     capacity_tokens = ctx + 1 + args.warmup + args.steps + 1
     opt.reserve(batch, capacity_tokens)
     fill_kvcompile_cache(opt, ctx)
@@ -474,7 +477,7 @@ def run_hf(model, method: str, batch: int, ctx: int, args, cache: dict) -> dict:
     release_caches(cache)
     reset_peak()
     config = model.config
-    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    head_dim = head_dim_of(config)
     device, dtype = model.device, model.dtype
     gen = torch.Generator(device=device).manual_seed(1)
     if method in ("hf_eager", "hf_quantized"):
@@ -517,7 +520,7 @@ def run_hf(model, method: str, batch: int, ctx: int, args, cache: dict) -> dict:
     times = time_steps(step, tokens, ctx + warm, args.warmup, args.steps)
     kv_alloc = sum(tensor_bytes(vars(layer)) for layer in past.layers)
     visible = ctx + warm + args.warmup + args.steps // 2
-    kv_read = kv_alloc if method == "hf_quantized" else kv_bytes_read(config, batch, visible, dtype)
+    kv_read = kv_alloc if method == "hf_quantized" else dense_kv_bytes(config, batch, visible, dtype)
     result = dict(times=times, compile_s=compile_s, rel_err=None, argmax_agree=None, ok=ok,
                   kv_alloc_bytes=kv_alloc, kv_read_bytes=kv_read, peak_decode_bytes=peak_bytes())
     del past, forward, step

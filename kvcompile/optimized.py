@@ -95,7 +95,7 @@ def optimize(model: nn.Module, passes: Union[list, str, Pass] = ("dense",), back
     changes to `model`'s q/k/v weights do not reach the program; optimize again). The model itself
     is never modified: on any error nothing has changed.
     """
-    resolved = resolve(list(passes) if isinstance(passes, tuple) else passes)
+    resolved = resolve(passes)
     backends.validate(backend)
     check_capturable(model)
     if not isinstance(prefill_chunk, int) or prefill_chunk < 1:

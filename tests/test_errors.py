@@ -15,8 +15,14 @@ def model():
 
 
 def test_unknown_pass_lists_the_available_ones(model):
-    with pytest.raises(kvcompile.PassError, match="unknown pass 'nope'.*streamingllm"):
+    with pytest.raises(kvcompile.PassError, match=r"unknown pass 'nope'.*streamingllm \(StreamingLLM \(arXiv"):
         kvcompile.optimize(model, ["nope"])
+
+
+@pytest.mark.parametrize("passes", [5, None, {"streamingllm"}])
+def test_passes_must_be_a_name_a_pass_or_a_list(model, passes):
+    with pytest.raises(kvcompile.PassError, match="passes must be a pass name, a Pass object or a list of them"):
+        kvcompile.optimize(model, passes)
 
 
 def test_two_storage_passes_conflict(model):

@@ -45,12 +45,12 @@ PROBE_RATIO = 0.1
 STREAMING_GAP = 100
 UNQUANTIZED = 16  # a plane of this width keeps its values in the cache dtype
 SCALE_DTYPE = torch.float16
-_PACKABLE = (1, 2, 4, 8)
+PACKED_BITS = (1, 2, 4, 8)  # code widths that fill whole bytes
 _WORD_BITS = 32
 
 
 # --- bit packing ---------------------------------------------------------------------------------------------
-def _check_bits(bits: int, allowed=_PACKABLE) -> None:
+def _check_bits(bits: int, allowed=PACKED_BITS) -> None:
     if bits not in allowed:
         raise ValueError(f"bit width must be one of {allowed}, got {bits}")
 
@@ -240,7 +240,7 @@ def state_layout(kv_heads: int, head_dim: int, *, high_bits: int = HIGH_BITS, lo
     after the batch dim; an entry is an int or a rule (`PlaneRows`, `WordCount`) that sizes it for a cache of
     n slots. Raises `ValueError` for bit widths that cannot be stored."""
     def plane(name: str, bits: int, high: bool) -> list:
-        _check_bits(bits, _PACKABLE + (UNQUANTIZED,))
+        _check_bits(bits, PACKED_BITS + (UNQUANTIZED,))
         if bits != UNQUANTIZED and head_dim % (8 // bits):
             raise ValueError(f"head_dim {head_dim} cannot be packed at {bits} bits")
         width, stored = (head_dim, dtype) if bits == UNQUANTIZED else (head_dim * bits // 8, torch.uint8)

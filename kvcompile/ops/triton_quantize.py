@@ -153,11 +153,12 @@ def quantize_block_triton(state, keys: Tensor, values: Tensor, salient: Tensor, 
     regular ones to the low planes from row `quantized - high_used` on. `keys`, `values` [B, Hkv, T, D];
     `salient` [B, Hkv or 1, T] bool, the same count in every head; tokens past `count` [B] are not part of the
     block. The salient bits and `quantized` are left to the caller."""
+    from kvcompile.ops.quantization import PACKED_BITS  # (that module imports this one)
     if triton is None:
         raise ImportError("quantize_block_triton needs Triton: pip install triton")
     planes = [(state.keys.high, state.values.high), (state.keys.low, state.values.low)]
     for key_rows, value_rows in planes:
-        if key_rows.bits != value_rows.bits or key_rows.bits not in (1, 2, 4, 8):
+        if key_rows.bits != value_rows.bits or key_rows.bits not in PACKED_BITS:
             raise ValueError(f"the fused kernel stores packed planes with the same widths for keys and values, "
                              f"got {key_rows.bits} and {value_rows.bits} bits")
     state_tensors = [t for pair in planes for rows in pair for t in (rows.data, rows.scale, rows.zero)]

@@ -7,7 +7,7 @@ selected slots, which are gathered inside the kernel (the block of slot numbers 
 keys and values; no gathered K/V copy is materialised). The new token, not yet in the cache, is folded into the
 first split. A second kernel merges the splits and, on request, writes each query head's log-sum-exp. The same
 kernel can also store every raw score (for selection) and skip computing the output (scoring only), and can skip
-whole rows by a device-side flag (TokenSelect rows that reuse their selection), so nothing syncs with the host
+whole rows by a device-side flag (TokenSelect rows that do not choose afresh), so nothing syncs with the host
 and decode steps stay capturable in CUDA graphs.
 
 A selection layer's criterion, each KV head's attention mass per slot, comes from the stored scores and

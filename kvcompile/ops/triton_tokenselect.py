@@ -280,10 +280,10 @@ def tokenselect_step(q: Tensor, q_fingerprint: Tensor, k_cache: Tensor, slot_pos
     _flags_kernel[(B,)](counts, fingerprint, fingerprints, flags, skip, *fingerprint.stride(), chunks, num_selected,
                         float(threshold) - SIMILARITY_SLACK, F=Hq * D, D=D, BLOCK_F=triton.next_power_of_2(Hq * D),
                         BLOCK_C=triton.next_power_of_2(chunks), PDL=pdl, num_warps=8, launch_pdl=pdl)
-    # Scoring only: the new-token arguments are not read.
+    # Scoring only, at scale 1 (the criticality is the unscaled q·k); the new-token arguments are not read.
     _, _, scores = decode_over_slots(q[:, :, 0], None, k_cache[:, :, 0], k_cache[:, :, 0], k_cache, k_cache, slot_pos,
-                                     q_pos, None, sink_tokens, window_tokens, 1.0, scores=True, score_scale=1.0,
-                                     compute_out=False, skip=skip)
+                                     q_pos, None, sink_tokens, window_tokens, 1.0, scores=True, compute_out=False,
+                                     skip=skip)
     fresh = topk_slots_triton(soft_votes_triton(scores.view(B, Hq, N), middle), top_k, N - 1)
     _assemble_kernel[(B, chunks + triton.cdiv(num_selected, _OUT_BLOCK))](
         slot_pos, q_pos, counts, flags, fresh, selected, indices, *slot_pos.stride(), N, chunks, num_selected, top_k,

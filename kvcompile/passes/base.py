@@ -83,8 +83,9 @@ def from_spec(spec: str) -> Pass:
     name, _, options = spec.partition(":")
     cls = _REGISTRY.get(name.strip().lower())
     if cls is None:
-        raise PassError(f"unknown pass {name!r}; available passes: {', '.join(available())}. Pass a name or "
-                        "a configured object such as kvcompile.passes.StreamingLLM(window_tokens=1020).")
+        listing = ", ".join(f"{n} ({_REGISTRY[n].paper})" if _REGISTRY[n].paper else n for n in available())
+        raise PassError(f"unknown pass {name!r}; available passes: {listing}. Pass a name or a configured object "
+                        "such as kvcompile.passes.StreamingLLM(window_tokens=1020).")
     kwargs = {}
     for item in filter(None, (o.strip() for o in options.split(","))):
         key, sep, value = item.partition("=")
@@ -97,10 +98,12 @@ def from_spec(spec: str) -> Pass:
         raise PassError(f"bad options for pass {name!r}: {error}") from None
 
 
-def resolve(passes: list[Union[str, Pass]]) -> list[Pass]:
+def resolve(passes: Union[str, Pass, list, tuple]) -> list[Pass]:
     """Turn names/specs and configured objects into validated passes, storage first (dense if none)."""
     if isinstance(passes, (str, Pass)):
         passes = [passes]
+    if not isinstance(passes, (list, tuple)):
+        raise PassError(f"passes must be a pass name, a Pass object or a list of them, got {type(passes).__name__}.")
     resolved = []
     for item in passes:
         if isinstance(item, Pass):

@@ -32,6 +32,7 @@ from kvcompile.passes.selection import cache_spec, cached_attention_node, instal
 # The official configuration (config/*-token-retrieval.yaml): n_init 128, n_local 512, top_k 2048.
 _INIT, _LOCAL, _TOP_K = 128, 512, 2048
 _BUDGET = _INIT + _LOCAL + _TOP_K
+_NEVER_REUSE = 2.0  # a threshold above every cosine similarity: the op's selection cache is then off
 
 
 @register
@@ -80,7 +81,7 @@ class TokenSelect(Pass):
         if not is_decode_step(step):
             return  # prefill chunks stay dense
         init, local, top_k = self.split()
-        threshold = 2.0 if self.similarity_threshold is None else float(self.similarity_threshold)
+        threshold = _NEVER_REUSE if self.similarity_threshold is None else float(self.similarity_threshold)
         graph = step.graph
         zeros, memo = None, {}
         for site in step.sites:

@@ -24,8 +24,8 @@ from kvcompile.cache import SLOTS, CacheLayout, KVState, StateSpec
 from kvcompile.errors import PassError
 from kvcompile.graph.rewrite import first_compute_node, install_attention
 from kvcompile.ops.zipcache_attention import Policy
-from kvcompile.ops.quantization import (HIGH_BITS, LOW_BITS, PROBE_RATIO, SALIENCY_RATIO, STATE_FIELDS,
-                                        STREAMING_GAP, state_layout)
+from kvcompile.ops.quantization import (HIGH_BITS, LOW_BITS, PACKED_BITS, PROBE_RATIO, SALIENCY_RATIO,
+                                        STATE_FIELDS, STREAMING_GAP, UNQUANTIZED, state_layout)
 from kvcompile.passes.base import Pass, StepGraph, register
 from kvcompile.passes.selection import is_decode_step, register_read_variants
 from kvcompile.runtime.periodic import PeriodicQuantization
@@ -33,7 +33,7 @@ from kvcompile.runtime.periodic import PeriodicQuantization
 _ATTENTION = torch.ops.kvcompile.zipcache_attention.default
 register_read_variants(_ATTENTION, torch.ops.kvcompile.zipcache_attention_select.default,
                        torch.ops.kvcompile.zipcache_sparse_attention.default)
-_WIDTHS = (1, 2, 4, 8, 16)
+_WIDTHS = PACKED_BITS + (UNQUANTIZED,)
 _SALIENCY = ("normalized", "random")
 
 
