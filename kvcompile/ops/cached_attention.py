@@ -102,7 +102,7 @@ def cached_attention(q: Tensor, q_sink: Optional[Tensor], k: Tensor, v: Tensor, 
     """
     from kvcompile.ops import decode, prefill
     if decode.kernels_enabled():
-        if q.is_cuda and q.shape[2] == 1:
+        if q.shape[2] == 1 and decode.kernels_for(q):
             return decode.decode_step(q, q_sink, k, v, k_cache, v_cache, slot_pos, positions, sink_tokens,
                                       window_tokens, scale)
         if q.shape[2] > 1 and window_tokens == 0:

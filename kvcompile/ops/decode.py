@@ -13,8 +13,6 @@ from typing import Iterator, Optional
 
 from torch import Tensor
 
-from kvcompile.ops.cached_attention import write_cache
-from kvcompile.ops.decode_reference import decode_attention_reference
 from kvcompile.ops.dependent_launch import dependent_launch
 from kvcompile.ops.triton_decode import decode_attention_triton, triton_available
 
@@ -98,11 +96,11 @@ if triton is not None:
 
 def write_token(k: Tensor, v: Tensor, k_cache: Tensor, v_cache: Tensor, slot_pos: Tensor, positions: Tensor,
                 sink_tokens: int, window_tokens: int) -> None:
-    """Store one new token per row (`k`, `v` [B, Hkv, 1, D], `positions` [B]) in place, like `write_cache`."""
-    batch, kv_heads, seq, head_dim = k.shape
-    if triton is None or seq != 1:
-        write_cache(k_cache, v_cache, slot_pos, k, v, positions.reshape(batch, seq), sink_tokens, window_tokens)
-        return
+    """Store one new token per row (`k`, `v` [B, Hkv, 1, D], `positions` [B]) in place, like
+    `cached_attention.write_cache`, in one Triton launch."""
+    if triton is None:
+        raise ImportError("write_token needs Triton: pip install triton")
+    batch, kv_heads, _, head_dim = k.shape
     k3, v3 = k[:, :, 0], v[:, :, 0]
     pdl = dependent_launch(k3)
     _write_token_kernel[(batch, kv_heads)](
@@ -121,8 +119,8 @@ def decode_step(q: Tensor, q_sink: Optional[Tensor], k: Tensor, v: Tensor, k_cac
     """`cached_attention` for one new token per row: the same result and cache update, via Triton kernels.
 
     `q` [B, Hq, 1, D]; returns [B, Hq, 1, D], contiguous, in q's dtype. A cache sized for more rows than `q`
-    has (a pinned `max_batch_size`) is used through its first B rows. Falls back to the PyTorch reference
-    when Triton is missing.
+    has (a pinned `max_batch_size`) is used through its first B rows. `cached_attention` takes it where
+    `kernels_for(q)` allows the kernels.
     """
     batch, q_heads, seq, head_dim = q.shape
     if seq != 1:
@@ -134,6 +132,6 @@ def decode_step(q: Tensor, q_sink: Optional[Tensor], k: Tensor, v: Tensor, k_cac
     dtype = k_cache.dtype
     query = q[:, :, 0].to(dtype)
     query_sink = None if q_sink is None else q_sink[:, :, 0].to(dtype)
-    attention = decode_attention_triton if triton_available() else decode_attention_reference
-    out = attention(query, query_sink, k_cache, v_cache, slot_pos, q_pos, sink_tokens, window_tokens, scale)
+    out = decode_attention_triton(query, query_sink, k_cache, v_cache, slot_pos, q_pos, sink_tokens, window_tokens,
+                                  scale)
     return out.to(q.dtype).view(batch, q_heads, 1, head_dim)
