@@ -581,7 +581,8 @@ def run_prefill(model, ctx: int, chunk: int, results: list, repeats: int = 3) ->
 
     with torch.no_grad():
         reset_peak()
-        hf_ms, hf_out = timed(lambda: model(ids, use_cache=False, logits_to_keep=ctx - (ctx - 1) // chunk * chunk).logits)
+        keep = ctx - (ctx - 1) // chunk * chunk
+        hf_ms, hf_out = timed(lambda: model(ids, use_cache=False, logits_to_keep=keep).logits)
         hf_peak = peak_bytes()
         hf_last = hf_out[:, -CHECKED_LOGITS:].float()  # all 32k rows in float32 would take 16 GB
         del hf_out

@@ -98,7 +98,8 @@ def _strip_gqa_repeat(node: fx.Node) -> fx.Node:
     if not (isinstance(expanded, fx.Node) and expanded.target == aten.expand.default):
         return node
     inner = expanded.args[0]
-    while isinstance(inner, fx.Node) and inner.target == aten.slice.Tensor and inner.args[2:] in ((0, 9223372036854775807), ()):
+    while (isinstance(inner, fx.Node) and inner.target == aten.slice.Tensor
+           and inner.args[2:] in ((0, 9223372036854775807), ())):
         inner = inner.args[0]
     if isinstance(inner, fx.Node) and inner.target == aten.unsqueeze.default and inner.args[1] == 2:
         return inner.args[0]
@@ -139,7 +140,8 @@ def _eager_site(softmax: fx.Node) -> AttentionSite:
     x, mask, scale = softmax.args[0], None, 1.0
     if x.target == aten.add.Tensor:
         a, b = x.args
-        x, mask = (a, b) if isinstance(a, fx.Node) and a.target in _MATMUL | {aten.mul.Tensor, aten.div.Tensor} else (b, a)
+        a_is_scores = isinstance(a, fx.Node) and a.target in _MATMUL | {aten.mul.Tensor, aten.div.Tensor}
+        x, mask = (a, b) if a_is_scores else (b, a)
     if x.target in (aten.mul.Tensor, aten.div.Tensor) and _scalar(x.args[1]) is not None:
         factor = _scalar(x.args[1])
         scale = factor if x.target == aten.mul.Tensor else 1.0 / factor

@@ -227,8 +227,8 @@ def _(q, k, v, state, slot_pos, step, positions, probes, scale, high_bits, low_b
 
 @torch.library.custom_op("kvcompile::zipcache_attention_select", mutates_args=("state", "slot_pos", "step"))
 def zipcache_attention_select(q: Tensor, k: Tensor, v: Tensor, state: list[Tensor], slot_pos: Tensor,
-                              step: list[Tensor], positions: Tensor, probes: Optional[Tensor], scale: float, high_bits: int,
-                              low_bits: int, saliency_ratio: float, saliency: str,
+                              step: list[Tensor], positions: Tensor, probes: Optional[Tensor], scale: float,
+                              high_bits: int, low_bits: int, saliency_ratio: float, saliency: str,
                               num_selected: int) -> tuple[Tensor, Tensor]:
     """`zipcache_attention` of a decode token that also returns the `num_selected` visible cached slots (the new
     token excluded) with the most attention per KV head: `(out, indices int64 [B, Hkv, num_selected])`."""
@@ -245,8 +245,9 @@ def _(q, k, v, state, slot_pos, step, positions, probes, scale, high_bits, low_b
 
 @torch.library.custom_op("kvcompile::zipcache_sparse_attention", mutates_args=("state", "slot_pos", "step"))
 def zipcache_sparse_attention(q: Tensor, k: Tensor, v: Tensor, state: list[Tensor], slot_pos: Tensor,
-                              step: list[Tensor], positions: Tensor, probes: Optional[Tensor], scale: float, high_bits: int,
-                              low_bits: int, saliency_ratio: float, saliency: str, indices: Tensor) -> Tensor:
+                              step: list[Tensor], positions: Tensor, probes: Optional[Tensor], scale: float,
+                              high_bits: int, low_bits: int, saliency_ratio: float, saliency: str,
+                              indices: Tensor) -> Tensor:
     """`zipcache_attention` of a decode token that reads only the cache slots `indices` [B, Hkv, K] (per KV
     head; the scratch slot reads nothing) plus the new token."""
     return _decode(q, k, v, state_of(state, high_bits, low_bits), slot_pos, positions, scale, step,

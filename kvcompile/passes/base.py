@@ -79,7 +79,8 @@ def _literal(text: str):
 
 
 def from_spec(spec: str) -> Pass:
-    """A pass from its name, optionally configured: `"streamingllm"` or `"streamingllm:sink_tokens=4,window_tokens=252"`."""
+    """A pass from its name, optionally configured: `"streamingllm"` or
+    `"streamingllm:sink_tokens=4,window_tokens=252"`."""
     name, _, options = spec.partition(":")
     cls = _REGISTRY.get(name.strip().lower())
     if cls is None:

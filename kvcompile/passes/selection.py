@@ -22,6 +22,7 @@ from kvcompile.passes.base import StepGraph
 _CACHED_ATTENTION = torch.ops.kvcompile.cached_attention.default
 _SELECT = torch.ops.kvcompile.cached_attention_select.default
 _SPARSE = torch.ops.kvcompile.sparse_cached_attention.default
+_INDICES_AT = [a.name for a in _SPARSE._schema.arguments].index("indices")  # where the sparse op takes them
 
 
 # Storage op -> its read variants: functions of the op's arguments and one more, `num_selected` or `indices`,
@@ -29,7 +30,7 @@ _SPARSE = torch.ops.kvcompile.sparse_cached_attention.default
 # [B, Hkv, K], and of (sparse) attention over the slots `indices` plus the new token.
 _READ_VARIANTS: dict[torch._ops.OpOverload, tuple[Callable, Callable]] = {
     _CACHED_ATTENTION: (lambda args, num_selected: (_SELECT, (*args, num_selected)),
-                        lambda args, indices: (_SPARSE, (*args[:8], indices, *args[8:]))),
+                        lambda args, indices: (_SPARSE, (*args[:_INDICES_AT], indices, *args[_INDICES_AT:]))),
 }
 
 
@@ -53,6 +54,11 @@ def cached_attention_node(site: AttentionSite, pass_name: str) -> fx.Node:
         raise PassError(f"{pass_name} rewrites the kvcompile::cached_attention op of a storage pass, but layer "
                         f"{site.layer} has {found}; combine {pass_name} with dense or streamingllm storage.")
     return node
+
+
+def op_arguments(node: fx.Node) -> dict:
+    """The arguments of an op node by their names in the op's schema."""
+    return dict(zip((a.name for a in node.target._schema.arguments), node.args))
 
 
 def storage_node(site: AttentionSite, pass_name: str) -> fx.Node:

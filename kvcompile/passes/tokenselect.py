@@ -27,7 +27,8 @@ from kvcompile.cache import StateSpec
 from kvcompile.errors import PassError
 from kvcompile.graph.rewrite import first_compute_node, reroot
 from kvcompile.passes.base import Pass, StepGraph, register
-from kvcompile.passes.selection import cache_spec, cached_attention_node, install_sparse, is_decode_step
+from kvcompile.passes.selection import (cache_spec, cached_attention_node, install_sparse, is_decode_step,
+                                        op_arguments)
 
 # The official configuration (config/*-token-retrieval.yaml): n_init 128, n_local 512, top_k 2048.
 _INIT, _LOCAL, _TOP_K = 128, 512, 2048
@@ -86,7 +87,8 @@ class TokenSelect(Pass):
         zeros, memo = None, {}
         for site in step.sites:
             node = cached_attention_node(site, self.name)
-            q, _, _, _, k_cache, _, slot_pos, positions, sinks, window, _ = node.args
+            args = op_arguments(node)
+            q, k_cache, slot_pos, positions = args["q"], args["k_cache"], args["slot_pos"], args["positions"]
             fingerprint = q
             if site.rope_nodes:  # the query before rotary: similar queries stay similar as positions advance
                 if zeros is None:
@@ -103,8 +105,8 @@ class TokenSelect(Pass):
             with graph.inserting_before(node):
                 buffers = graph.get_attr(query_state), graph.get_attr(slots_state)
                 indices = graph.call_function(torch.ops.kvcompile.tokenselect_indices.default, (
-                    q, fingerprint, k_cache, slot_pos, positions, *buffers, sinks, window, init, local, top_k,
-                    threshold))
+                    q, fingerprint, k_cache, slot_pos, positions, *buffers, args["sink_tokens"],
+                    args["window_tokens"], init, local, top_k, threshold))
             sparse = install_sparse(graph, site, node, indices)
             cache = ("off" if self.similarity_threshold is None
                      else f"reused while cos(query, last) >= {self.similarity_threshold}")

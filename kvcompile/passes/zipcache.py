@@ -110,8 +110,8 @@ class ZipCache(Pass):
                                          ("step_lse", (site.num_heads,)))]
             install_attention(graph, step.state, site, specs, _ATTENTION, lambda b: (
                 site.query, site.key, site.value, [b[name] for name in STATE_FIELDS], b["positions"],
-                [b["step_query"], b["step_lse"]], step.positions, probes, site.scale, self.high_bits, self.low_bits, float(self.saliency_ratio),
-                self.saliency), self.describe())
+                [b["step_query"], b["step_lse"]], step.positions, probes, site.scale, self.high_bits, self.low_bits,
+                float(self.saliency_ratio), self.saliency), self.describe())
             site.notes.append(
                 f"zipcache: {self.high_bits}-bit salient / {self.low_bits}-bit regular tokens; "
                 + ("prefill chunk quantized at once, ranked by the probe queries "
