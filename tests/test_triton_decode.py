@@ -14,7 +14,8 @@ import torch
 pytest.importorskip("triton")
 
 from kvcompile.ops.decode_reference import decode_attention_reference  # noqa: E402
-from kvcompile.ops.triton_decode import decode_attention_triton, triton_available  # noqa: E402
+from kvcompile.ops.triton_decode import decode_attention_triton  # noqa: E402
+from kvcompile.ops.triton_support import triton_available  # noqa: E402
 
 from conftest import kernel_device  # noqa: E402
 

@@ -14,13 +14,8 @@ from typing import Iterator, Optional
 from torch import Tensor
 
 from kvcompile.ops.dependent_launch import dependent_launch
-from kvcompile.ops.triton_decode import decode_attention_triton, triton_available
-
-try:
-    import triton
-    import triton.language as tl
-except ImportError:  # the module stays importable; decode_step then uses the PyTorch path
-    triton = None
+from kvcompile.ops.triton_decode import decode_attention_triton
+from kvcompile.ops.triton_support import require_triton, tl, triton, triton_available
 
 __all__ = ["decode_step", "write_token", "kernels_enabled", "kernels_for", "reference_attention"]
 
@@ -98,8 +93,7 @@ def write_token(k: Tensor, v: Tensor, k_cache: Tensor, v_cache: Tensor, slot_pos
                 sink_tokens: int, window_tokens: int) -> None:
     """Store one new token per row (`k`, `v` [B, Hkv, 1, D], `positions` [B]) in place, like
     `cached_attention.write_cache`, in one Triton launch."""
-    if triton is None:
-        raise ImportError("write_token needs Triton: pip install triton")
+    require_triton("write_token")
     batch, kv_heads, _, head_dim = k.shape
     k3, v3 = k[:, :, 0], v[:, :, 0]
     pdl = dependent_launch(k3)

@@ -15,11 +15,7 @@ import os
 
 import torch
 
-try:
-    import triton
-    import triton.language as tl
-except ImportError:
-    triton = None
+from kvcompile.ops.triton_support import tl, triton
 
 __all__ = ["dependent_launch", "let_dependents_launch", "nvidia_native", "wait_for_producers"]
 

@@ -32,12 +32,7 @@ from torch import Tensor
 
 from kvcompile.ops import decode
 from kvcompile.ops.dependent_launch import dependent_launch
-
-try:
-    import triton
-    import triton.language as tl
-except ImportError:  # the op then always takes F.linear
-    triton = None
+from kvcompile.ops.triton_support import require_triton, tl, triton
 
 __all__ = ["MAX_ROWS", "skinny_gated_linear", "skinny_gated_linear_triton", "skinny_linear", "skinny_linear_triton"]
 
@@ -141,8 +136,7 @@ def skinny_gated_linear_triton(x: Tensor, gate_weight: Tensor, up_weight: Tensor
 def _launch(kernel, x: Tensor, weights: tuple, n: int, launch_shape: tuple, **constants) -> Tensor:
     """Run `kernel` (one of the two above) on the rows of `x`, its weight pointers `weights`, for `n` outputs,
     with `launch_shape` (BLOCK_N, BLOCK_K, num_warps, num_stages)."""
-    if triton is None:
-        raise ImportError("kvcompile's skinny products need Triton: pip install triton")
+    require_triton("kvcompile's skinny products")
     *lead, k = x.shape
     rows = x.reshape(-1, k)
     out = torch.empty(rows.shape[0], n, device=x.device, dtype=x.dtype)

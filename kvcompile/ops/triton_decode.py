@@ -19,24 +19,14 @@ import math
 import torch
 
 from kvcompile.ops.dependent_launch import dependent_launch
+from kvcompile.ops.triton_support import require_triton, tl, triton
 
-try:
-    import triton
-    import triton.language as tl
-except ImportError:  # the module stays importable; calling the kernel raises instead
-    triton = None
-
-__all__ = ["decode_attention_triton", "triton_available"]
+__all__ = ["decode_attention_triton"]
 
 _LOG2E = 1.4426950408889634
 _MAX_SPLITS = 64  # bounds the workspace and the merge tile of pass 2
 _MIN_BLOCKS_PER_SPLIT = 2  # below this the per-program setup and workspace traffic dominate
 _PROGRAMS_PER_SM = 2
-
-
-def triton_available() -> bool:
-    """True when Triton could be imported."""
-    return triton is not None
 
 
 if triton is not None:
@@ -232,8 +222,7 @@ def decode_attention_triton(
     ``num_splits`` overrides the automatic split count of the slot axis (tests use it to
     exercise the merge). Inputs may be strided; no tensor is copied or repeated.
     """
-    if triton is None:
-        raise ImportError("decode_attention_triton needs Triton: pip install triton")
+    require_triton("decode_attention_triton")
     B, Hq, D = q.shape
     Bk, Hkv, N, Dk = k_cache.shape
     if Hq % Hkv or Bk != B or Dk != D or v_cache.shape != k_cache.shape:

@@ -42,15 +42,10 @@ from torch import Tensor
 
 from kvcompile.ops.quantization import MixedPrecisionPlanes, ZipCacheState
 from kvcompile.ops.dependent_launch import dependent_launch, nvidia_native
-from kvcompile.ops.triton_decode import _LOG2E, _MAX_SPLITS, _choose_splits, _num_sms, merge_splits, triton_available
+from kvcompile.ops.triton_decode import _LOG2E, _MAX_SPLITS, _choose_splits, _num_sms, merge_splits
+from kvcompile.ops.triton_support import require_triton, tl, triton
 
-try:
-    import triton
-    import triton.language as tl
-except ImportError:  # the module stays importable; calling the kernel raises instead
-    triton = None
-
-__all__ = ["quant_decode_attention_triton", "triton_available"]
+__all__ = ["quant_decode_attention_triton"]
 
 _DENSE_PROGRAMS_PER_SM = 16  # see `_dense_splits`
 
@@ -537,8 +532,7 @@ def quant_decode_attention_triton(q: Tensor, state: ZipCacheState, slot_pos: Ten
     returns every scaled score [B, Hkv, G, K] float32 (-inf where not visible), for selection. `num_splits`
     overrides the split count.
     """
-    if triton is None:
-        raise ImportError("quant_decode_attention_triton needs Triton: pip install triton")
+    require_triton("quant_decode_attention_triton")
     _check_state(q, state, slot_pos, q_pos, indices)
     q_pos = q_pos.contiguous()  # read at offset b: a column of a [B, S] positions tensor is strided
     B, Hq, D = q.shape

@@ -24,11 +24,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-try:
-    import triton
-    import triton.language as tl
-except ImportError:  # the module stays importable; calling the kernel raises instead
-    triton = None
+from kvcompile.ops.triton_support import require_triton, tl, triton
 
 __all__ = ["quantize_block_triton"]
 
@@ -154,8 +150,7 @@ def quantize_block_triton(state, keys: Tensor, values: Tensor, salient: Tensor, 
     `salient` [B, Hkv or 1, T] bool, the same count in every head; tokens past `count` [B] are not part of the
     block. The salient bits and `quantized` are left to the caller."""
     from kvcompile.ops.quantization import PACKED_BITS  # (that module imports this one)
-    if triton is None:
-        raise ImportError("quantize_block_triton needs Triton: pip install triton")
+    require_triton("quantize_block_triton")
     planes = [(state.keys.high, state.values.high), (state.keys.low, state.values.low)]
     for key_rows, value_rows in planes:
         if key_rows.bits != value_rows.bits or key_rows.bits not in PACKED_BITS:

@@ -25,16 +25,10 @@ import torch
 from torch import Tensor
 
 from kvcompile.ops.dependent_launch import dependent_launch
-from kvcompile.ops.triton_decode import (_LOG2E, _choose_splits, _launch_config, _num_sms, merge_splits,
-                                         triton_available)
+from kvcompile.ops.triton_decode import _LOG2E, _choose_splits, _launch_config, _num_sms, merge_splits
+from kvcompile.ops.triton_support import require_triton, tl, triton
 
-try:
-    import triton
-    import triton.language as tl
-except ImportError:  # the module stays importable; calling a kernel raises instead
-    triton = None
-
-__all__ = ["decode_over_slots", "group_mass", "select_decode_step", "sparse_decode_step", "triton_available"]
+__all__ = ["decode_over_slots", "group_mass", "select_decode_step", "sparse_decode_step"]
 
 
 if triton is not None:
@@ -146,11 +140,6 @@ if triton is not None:
                  mask=n_mask)
 
 
-def _require_triton() -> None:
-    if triton is None:
-        raise ImportError("the sparse decode kernels need Triton: pip install triton")
-
-
 def decode_over_slots(q: Tensor, q_sink: Optional[Tensor], k_new: Tensor, v_new: Tensor, k_cache: Tensor,
                       v_cache: Tensor, slot_pos: Tensor, q_pos: Tensor, indices: Optional[Tensor],
                       sink_tokens: int, window_tokens: int, scale: float, *, num_splits: Optional[int] = None,
@@ -165,7 +154,7 @@ def decode_over_slots(q: Tensor, q_sink: Optional[Tensor], k_new: Tensor, v_new:
     [B, Hkv, G, M] float32 raw q·k times `score_scale` (default `scale`), -inf where not visible (with
     `scores`). Rows with `skip[b] != 0` are not computed (their outputs are undefined).
     """
-    _require_triton()
+    require_triton("the sparse decode kernels")
     B, Hq, D = q.shape
     _, Hkv, N, _ = k_cache.shape
     if Hq % Hkv or v_cache.shape != k_cache.shape or tuple(k_new.shape) != (B, Hkv, D):
@@ -217,7 +206,7 @@ def group_mass(scores: Tensor, lse: Tensor) -> Tensor:
     probabilities summed over each KV head's group, float32 [B, Hkv, N], -inf where no head sees the slot.
     One pass over the scores: 18 µs a call in the compiled tidaldecode step on the H100 (batch 8, 32k slots)
     where `torch.exp(scores - lse).sum(2)` and its masking took ~80 µs in ~8 kernels."""
-    _require_triton()
+    require_triton("the sparse decode kernels")
     B, Hkv, G, N = scores.shape
     mass = torch.empty(B, Hkv, N, device=scores.device, dtype=torch.float32)
     if mass.numel() == 0:

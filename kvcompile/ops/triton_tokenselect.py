@@ -27,13 +27,8 @@ from torch import Tensor
 from kvcompile.ops.dependent_launch import dependent_launch
 from kvcompile.ops.sparse_attention import SIMILARITY_SLACK
 from kvcompile.ops.triton_sparse_decode import decode_over_slots
+from kvcompile.ops.triton_support import require_triton, tl, triton
 from kvcompile.ops.triton_topk import topk_slots_triton
-
-try:
-    import triton
-    import triton.language as tl
-except ImportError:  # the module stays importable; calling a kernel raises instead
-    triton = None
 
 __all__ = ["soft_votes_triton", "tokenselect_step"]
 
@@ -218,17 +213,12 @@ if triton is not None:
         tl.store(VOTES + row * N + offs_n, tl.where(candidate, votes, float("-inf")), mask=n_mask)
 
 
-def _require_triton() -> None:
-    if triton is None:
-        raise ImportError("the TokenSelect kernels need Triton: pip install triton")
-
-
 def soft_votes_triton(logits: Tensor, candidates: Tensor) -> Tensor:
     """`sparse_attention.soft_votes` (TokenSelect's criterion) in two kernels: each (row, query head, chunk of
     slots) reduces its candidates' logits to a max and a sum of exponentials, then each (row, block of slots)
     sums every head's probability. `logits` [B, Hq, N] float32, `candidates` [B, N] bool (or int8 0/1) -> votes
     [B, N]."""
-    _require_triton()
+    require_triton("the TokenSelect kernels")
     B, Hq, N = logits.shape
     votes = torch.empty(B, N, device=logits.device, dtype=torch.float32)
     if votes.numel() == 0:
@@ -252,7 +242,7 @@ def tokenselect_step(q: Tensor, q_fingerprint: Tensor, k_cache: Tensor, slot_pos
     """`sparse_attention.tokenselect_indices` for a decode query `q` [B, Hq, 1, D] on the kernels: int64
     [B, Hkv, init_tokens + local_tokens - 1 + top_k] slots; updates the selection cache (`fingerprints` [B, Hq * D]
     float32, `selected` [B, top_k] int64) in place."""
-    _require_triton()
+    require_triton("the TokenSelect kernels")
     B, Hq, _, D = q.shape
     Hkv, N = k_cache.shape[1], k_cache.shape[2]
     num_selected = init_tokens + local_tokens - 1 + top_k

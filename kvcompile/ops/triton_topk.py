@@ -18,12 +18,7 @@ import torch
 from torch import Tensor
 
 from kvcompile.ops.dependent_launch import dependent_launch
-
-try:
-    import triton
-    import triton.language as tl
-except ImportError:  # the module stays importable; calling the kernel raises instead
-    triton = None
+from kvcompile.ops.triton_support import require_triton, tl, triton
 
 __all__ = ["topk_slots_triton"]
 
@@ -128,8 +123,7 @@ def topk_slots_triton(scores: Tensor, k: int, scratch: int) -> Tensor:
     """`sparse_attention.topk_slots` in five launches after zeroing the totals: int64 [..., k] slots of `scores`
     [..., N] (float32 or a dtype that converts to it; no NaN), in slot order (slots scoring -inf read as
     `scratch`), then the tail."""
-    if triton is None:
-        raise ImportError("topk_slots_triton needs Triton: pip install triton")
+    require_triton("topk_slots_triton")
     *lead, n = scores.shape
     out = torch.empty(*lead, k, device=scores.device, dtype=torch.int64)
     if out.numel() == 0:
