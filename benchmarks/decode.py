@@ -324,7 +324,7 @@ def check_op(config, batch: int, ctx: int, window: bool, device) -> float:
     """decode_step against the op's reference path on random bf16 inputs of the model's attention shape: the
     largest of the output's relative L2 error and the caches' max abs difference afterwards."""
     from kvcompile.cache import CacheLayout
-    from kvcompile.ops import decode
+    from kvcompile.ops import kernel_switch
 
     gen = torch.Generator(device=device).manual_seed(2)
     hq, hkv, d = config.num_attention_heads, config.num_key_value_heads, head_dim_of(config)
@@ -341,7 +341,7 @@ def check_op(config, batch: int, ctx: int, window: bool, device) -> float:
     positions = torch.full((batch, 1), ctx, device=device)
     args = (positions, layout.sink_tokens, layout.window_tokens, d ** -0.5)
     ref_state = [t.clone() for t in state]
-    with decode.reference_attention():
+    with kernel_switch.reference_paths():
         ref = torch.ops.kvcompile.cached_attention(q, q_sink, k, v, *ref_state, *args)
     out = torch.ops.kvcompile.cached_attention(q, q_sink, k, v, *state, *args)
     errors = [float((out.float() - ref.float()).norm() / ref.float().norm())]
@@ -368,7 +368,7 @@ def hf_row_logits(model, opt, tokens, pos, ctx: int):
 
 def run_kvcompile(model, method: str, batch: int, ctx: int, args, cache: dict) -> dict:
     import kvcompile
-    from kvcompile.ops import decode
+    from kvcompile.ops import kernel_switch
 
     release_caches(cache)
     if method not in cache:  # each configuration builds its program (earlier ones were dropped, see above)
@@ -395,7 +395,7 @@ def run_kvcompile(model, method: str, batch: int, ctx: int, args, cache: dict) -
     # (ops that attend over the cache plus the new token would otherwise read it twice).
     with torch.no_grad():
         forget_position(opt, ctx)
-        with decode.reference_attention():
+        with kernel_switch.reference_paths():
             reference = opt.steps[1].module(tokens, pos)  # eager graph, PyTorch reference attention
         forget_position(opt, ctx)
         eager_kernels = opt.steps[1].module(tokens, pos)  # eager graph, Triton decode kernels (on CUDA)
@@ -532,7 +532,7 @@ def check_prefill_op(device) -> float:
     """The op's prefill fast path (`causal_prefill`: lower-right causal SDPA over a cached prefix) against its
     reference path (bf16, dense cache): the largest of the output's relative L2 error and the caches' max abs
     difference afterwards."""
-    from kvcompile.ops import decode
+    from kvcompile.ops import kernel_switch
 
     gen = torch.Generator(device=device).manual_seed(3)
     hq, hkv, d, cached, seq = 32, 8, 128, 4096, 1024
@@ -548,7 +548,7 @@ def check_prefill_op(device) -> float:
     positions = torch.arange(cached, cached + seq, device=device)[None]
     args = (positions, 0, 0, d ** -0.5)
     ref_state = [t.clone() for t in state]
-    with decode.reference_attention():
+    with kernel_switch.reference_paths():
         ref = torch.ops.kvcompile.cached_attention(q, None, k, v, *ref_state, *args)
     out = torch.ops.kvcompile.cached_attention(q, None, k, v, *state, *args)
     errors = [float((out.float() - ref.float()).norm() / ref.float().norm())]

@@ -2,7 +2,7 @@
 
 `decode_step` (Triton write + split-K attention) runs through Triton's interpreter, which must be chosen before
 triton is imported; the prefill paths (causal SDPA, blocked reference) run as they would on CUDA. Both are compared
-with the op's reference path (`decode.reference_attention`) on outputs and on the cache state they leave behind.
+with the op's reference path (`kernel_switch.reference_paths`) on outputs and on the cache state they leave behind.
 """
 import math
 import os
@@ -15,7 +15,7 @@ import torch
 pytest.importorskip("triton")
 
 import kvcompile.ops.cached_attention  # noqa: E402,F401  (registers the op)
-from kvcompile.ops import decode  # noqa: E402
+from kvcompile.ops import decode, kernel_switch  # noqa: E402
 from kvcompile.ops import prefill  # noqa: E402
 
 B, HKV, G, D = 2, 2, 3, 32
@@ -24,7 +24,7 @@ SINKS, WINDOW = 2, 6
 
 def reference(*args):
     """The op's plain PyTorch reference path."""
-    with decode.reference_attention():
+    with kernel_switch.reference_paths():
         return torch.ops.kvcompile.cached_attention(*args)
 
 
@@ -67,22 +67,6 @@ def test_decode_stream_matches_reference(layout, with_qsink):
             torch.testing.assert_close(fast, ref, atol=0, rtol=0, msg=f"cache after step {step}")
 
 
-def test_pinned_cache_with_more_rows():
-    """A cache pinned to more rows than the batch is used through its first rows; the others stay untouched."""
-    cache = empty_cache(3, 10)
-    before = clone_all(cache)
-    ref_cache = [t[:B].clone() for t in cache]
-    gen = torch.Generator().manual_seed(1)
-    q, _, k, v = token(gen)
-    positions = torch.tensor([[0], [0]])
-    expected = reference(q, None, k, v, *ref_cache, positions, 0, 0, 0.2)
-    out = decode.decode_step(q, None, k, v, *cache, positions, 0, 0, 0.2)
-    torch.testing.assert_close(out, expected)
-    for t, r, b in zip(cache, ref_cache, before):
-        torch.testing.assert_close(t[:B], r)
-        assert torch.equal(t[B:], b[B:])
-
-
 def test_half_precision_cache_with_float_query():
     """Queries in another dtype than the cache are cast for the kernel; the result has the query's dtype."""
     gen = torch.Generator().manual_seed(2)
@@ -98,10 +82,10 @@ def test_half_precision_cache_with_float_query():
 
 
 def test_reference_switch():
-    assert decode.kernels_enabled()
-    with decode.reference_attention():
-        assert not decode.kernels_enabled()
-    assert decode.kernels_enabled()
+    assert kernel_switch.kernels_enabled()
+    with kernel_switch.reference_paths():
+        assert not kernel_switch.kernels_enabled()
+    assert kernel_switch.kernels_enabled()
 
 
 def test_causal_prefill_matches_reference():

@@ -102,7 +102,7 @@ def kernels_on_cpu(monkeypatch):
     """The op's kernel path on CPU tensors (the interpreter), as on CUDA."""
     if KERNEL_DEVICE != "cpu":
         pytest.skip("the kernels take CPU tensors only under the interpreter")
-    monkeypatch.setattr("kvcompile.ops.decode.kernels_for", lambda t: True)
+    monkeypatch.setattr("kvcompile.ops.kernel_switch.kernels_for", lambda t: True)
 
 
 @pytest.mark.parametrize("case", ["kernel", "strided-bias", "too-many-rows", "empty-k"])

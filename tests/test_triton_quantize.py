@@ -11,7 +11,7 @@ import torch  # noqa: E402
 
 pytest.importorskip("triton")
 
-from kvcompile.ops import decode, quantization, triton_quantize  # noqa: E402
+from kvcompile.ops import kernel_switch, quantization, triton_quantize  # noqa: E402
 from kvcompile.ops.quantization import empty_state, free_high_rows, quantize_into, select_salient  # noqa: E402
 
 from conftest import kernel_device  # noqa: E402
@@ -63,7 +63,7 @@ def _tensors(state):
 
 
 def _assert_same_state(monkeypatch, blocks, bits, dtype, channel=None):
-    with decode.reference_attention():
+    with kernel_switch.reference_paths():
         expected = _quantized_state(blocks, bits, dtype, channel)
     monkeypatch.setattr(quantization, "_fused_quantize", lambda keys, state: True)
     fused = _quantized_state(blocks, bits, dtype, channel)

@@ -20,6 +20,8 @@ from typing import Optional
 import torch
 from torch import Tensor
 
+from kvcompile.ops import kernel_switch
+
 
 def cache_slots(positions: Tensor, capacity: int, sink_tokens: int, window_tokens: int) -> Tensor:
     """Slot of each new token in a cache of `capacity` slots (the last one is the scratch slot)."""
@@ -101,8 +103,8 @@ def cached_attention(q: Tensor, q_sink: Optional[Tensor], k: Tensor, v: Tensor, 
     cache. The cache tensors are updated in place.
     """
     from kvcompile.ops import decode, prefill
-    if decode.kernels_enabled():
-        if q.shape[2] == 1 and decode.kernels_for(q):
+    if kernel_switch.kernels_enabled():
+        if q.shape[2] == 1 and kernel_switch.kernels_for(q):
             return decode.decode_step(q, q_sink, k, v, k_cache, v_cache, slot_pos, positions, sink_tokens,
                                       window_tokens, scale)
         if q.shape[2] > 1 and window_tokens == 0:

@@ -8,45 +8,15 @@ a CUDA graph.
 """
 from __future__ import annotations
 
-import contextlib
-from typing import Iterator, Optional
+from typing import Optional
 
 from torch import Tensor
 
 from kvcompile.ops.dependent_launch import dependent_launch
 from kvcompile.ops.triton_decode import decode_attention_triton
-from kvcompile.ops.triton_support import require_triton, tl, triton, triton_available
+from kvcompile.ops.triton_support import require_triton, tl, triton
 
-__all__ = ["decode_step", "write_token", "kernels_enabled", "kernels_for", "reference_attention"]
-
-_KERNELS = True
-
-
-def kernels_enabled() -> bool:
-    """Whether `cached_attention` takes its fast paths: this module's kernels for decode on CUDA, and
-    `kvcompile.ops.prefill.causal_prefill` for prefill chunks (see `reference_attention`)."""
-    return _KERNELS
-
-
-def kernels_for(t: Tensor) -> bool:
-    """Whether the ops take their Triton kernels for tensors like `t`: on CUDA, with Triton installed, outside
-    `reference_attention`."""
-    return t.is_cuda and triton_available() and _KERNELS
-
-
-@contextlib.contextmanager
-def reference_attention() -> Iterator[None]:
-    """Within this block, `cached_attention` takes the plain PyTorch reference path.
-
-    For checking fast programs against the reference; replayed CUDA graphs are unaffected.
-    """
-    global _KERNELS
-    previous, _KERNELS = _KERNELS, False
-    try:
-        yield
-    finally:
-        _KERNELS = previous
-
+__all__ = ["decode_step", "write_token"]
 
 if triton is not None:
     from kvcompile.ops.dependent_launch import wait_for_producers
@@ -112,14 +82,12 @@ def decode_step(q: Tensor, q_sink: Optional[Tensor], k: Tensor, v: Tensor, k_cac
                 scale: float) -> Tensor:
     """`cached_attention` for one new token per row: the same result and cache update, via Triton kernels.
 
-    `q` [B, Hq, 1, D]; returns [B, Hq, 1, D], contiguous, in q's dtype. A cache sized for more rows than `q`
-    has (a pinned `max_batch_size`) is used through its first B rows. `cached_attention` takes it where
-    `kernels_for(q)` allows the kernels.
+    `q` [B, Hq, 1, D] over caches of B rows; returns [B, Hq, 1, D], contiguous, in q's dtype. `cached_attention`
+    takes it where `kernel_switch.kernels_for(q)` allows the kernels.
     """
     batch, q_heads, seq, head_dim = q.shape
     if seq != 1:
         raise ValueError(f"decode_step takes one new token per row, got {seq}")
-    k_cache, v_cache, slot_pos = k_cache[:batch], v_cache[:batch], slot_pos[:batch]
     q_pos = positions.reshape(batch).contiguous()
     write_token(k, v, k_cache, v_cache, slot_pos, q_pos, sink_tokens, window_tokens)
 

@@ -35,7 +35,7 @@ import torch
 from torch import Tensor
 
 from kvcompile.cache import resolve_dims
-from kvcompile.ops import decode
+from kvcompile.ops import kernel_switch
 from kvcompile.ops.triton_quantize import quantize_block_triton
 
 HIGH_BITS = 4
@@ -304,8 +304,8 @@ def salient_allowance(state: ZipCacheState, count: Tensor, saliency_ratio: float
 
 def _fused_quantize(keys: Tensor, state: ZipCacheState) -> bool:
     """Whether `quantize_into` stores the planes with the Triton kernels of `triton_quantize`: for CUDA tensors
-    with packed planes (16-bit planes stay here), unless `decode.reference_attention()` is active."""
-    return decode.kernels_for(keys) and UNQUANTIZED not in (state.keys.high.bits, state.keys.low.bits)
+    with packed planes (16-bit planes stay here), unless `kernel_switch.reference_paths()` is active."""
+    return kernel_switch.kernels_for(keys) and UNQUANTIZED not in (state.keys.high.bits, state.keys.low.bits)
 
 
 def quantize_into(state: ZipCacheState, keys: Tensor, values: Tensor, salient: Tensor, count: Tensor) -> None:

@@ -20,7 +20,7 @@ a norm-like producer, then gate, up, silu * up and down, in CUDA graphs; one-off
 128.8 µs separately and 124.8 µs fused at 8 rows (floor 117.8 µs), 127.3 and 124.0 µs at one row.
 
 `kvcompile.backends.inductor` routes the products of a compiled CUDA decode step through these ops; they run
-their kernels for at most `MAX_ROWS` rows on CUDA (outside `decode.reference_attention()`), PyTorch otherwise.
+their kernels for at most `MAX_ROWS` rows on CUDA (outside `kernel_switch.reference_paths()`), PyTorch otherwise.
 """
 from __future__ import annotations
 
@@ -30,7 +30,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from kvcompile.ops import decode
+from kvcompile.ops import kernel_switch
 from kvcompile.ops.dependent_launch import dependent_launch
 from kvcompile.ops.triton_support import require_triton, tl, triton
 
@@ -155,10 +155,10 @@ def _launch(kernel, x: Tensor, weights: tuple, n: int, launch_shape: tuple, **co
 
 @torch.library.custom_op("kvcompile::skinny_linear", mutates_args=())
 def skinny_linear(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None) -> Tensor:
-    """`F.linear(x, weight, bias)`; through `skinny_linear_triton` where `decode.kernels_for(x)` allows the
+    """`F.linear(x, weight, bias)`; through `skinny_linear_triton` where `kernel_switch.kernels_for(x)` allows the
     kernels, the operands share x's dtype and fit the kernel (see there)."""
     same_dtype = weight.dtype == x.dtype and (bias is None or bias.dtype == x.dtype)
-    if decode.kernels_for(x) and same_dtype and _fits(x, weight, bias):
+    if kernel_switch.kernels_for(x) and same_dtype and _fits(x, weight, bias):
         return skinny_linear_triton(x, weight, bias)
     return F.linear(x, weight, bias)
 
@@ -166,13 +166,13 @@ def skinny_linear(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None) -> T
 @torch.library.custom_op("kvcompile::skinny_gated_linear", mutates_args=())
 def skinny_gated_linear(x: Tensor, gate_weight: Tensor, up_weight: Tensor) -> Tensor:
     """`F.silu(F.linear(x, gate_weight)) * F.linear(x, up_weight)` for two weights of one shape [N, K]; through
-    `skinny_gated_linear_triton` where `decode.kernels_for(x)` allows the kernels, the weights have x's dtype
+    `skinny_gated_linear_triton` where `kernel_switch.kernels_for(x)` allows the kernels, the weights have x's dtype
     and fit the kernel (see there)."""
     if gate_weight.shape != up_weight.shape:
         raise ValueError(f"skinny_gated_linear takes two weights of one shape, got {tuple(gate_weight.shape)} and "
                          f"{tuple(up_weight.shape)}")
     same_dtype = gate_weight.dtype == x.dtype == up_weight.dtype
-    if decode.kernels_for(x) and same_dtype and _gated_fits(x, gate_weight, up_weight):
+    if kernel_switch.kernels_for(x) and same_dtype and _gated_fits(x, gate_weight, up_weight):
         return skinny_gated_linear_triton(x, gate_weight, up_weight)
     return F.silu(F.linear(x, gate_weight)) * F.linear(x, up_weight)
 

@@ -29,6 +29,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
+from kvcompile.ops import kernel_switch
 from kvcompile.ops.cached_attention import attend, visible_keys, write_cache
 from kvcompile.ops.triton_topk import topk_slots_triton
 
@@ -58,12 +59,11 @@ def topk_slots(scores: Tensor, k: int, scratch: int) -> Tensor:
     by the lower slot; in no particular order (attention does not depend on it).
 
     Slots scoring -inf, and the tail when fewer than `k` slots exist, point at `scratch` (NaN scores are not
-    supported). Where `decode.kernels_for(scores)` allows the kernels, a Triton radix select with each
+    supported). Where `kernel_switch.kernels_for(scores)` allows the kernels, a Triton radix select with each
     row split across programs (`kvcompile.ops.triton_topk`); elsewhere one `torch.topk` over int64 keys that
     order like (score, -slot): the float's bits made order-preserving, then the inverted slot.
     """
-    from kvcompile.ops import decode
-    if decode.kernels_for(scores):
+    if kernel_switch.kernels_for(scores):
         return topk_slots_triton(scores, k, scratch)
     n = scores.shape[-1]
     take = min(k, n)
@@ -97,10 +97,9 @@ def _with_new_tokens(k_cache: Tensor, v_cache: Tensor, slot_pos: Tensor, k: Tens
 
 
 def _fast_path(q: Tensor) -> bool:
-    """Triton kernels run for decode tensors (one new token) where `decode.kernels_for` allows them; everything
+    """Triton kernels run for decode tensors (one new token) where `kernel_switch.kernels_for` allows them; everything
     else uses the definition."""
-    from kvcompile.ops import decode
-    return decode.kernels_for(q) and q.shape[2] == 1
+    return kernel_switch.kernels_for(q) and q.shape[2] == 1
 
 
 # --- kvcompile::cached_attention_select ----------------------------------------------------------------------

@@ -29,7 +29,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from kvcompile.ops import decode
+from kvcompile.ops import kernel_switch
 from kvcompile.ops.cached_attention import cache_slots
 from kvcompile.ops.quantization import (ZipCacheState, dequantize_state, normalized_attention_saliency, probe_count,
                                         probe_queries, quantize_into, salient_allowance, select_salient, state_of)
@@ -123,9 +123,9 @@ def _keep_step(step_query: Tensor, step_lse: Tensor, q: Tensor, lse: Tensor, sca
 
 
 def _use_kernel(q: Tensor) -> bool:
-    """Decode reads use the Triton kernel for CUDA tensors (unless `decode.reference_attention()` is active);
-    elsewhere dequantize-then-attend, the definition."""
-    return decode.kernels_for(q)
+    """Decode reads use the Triton kernel where `kernel_switch.kernels_for(q)` allows it; elsewhere
+    dequantize-then-attend, the definition (the tests route CPU tensors through the kernels by patching this)."""
+    return kernel_switch.kernels_for(q)
 
 
 def _decode(q: Tensor, k: Tensor, v: Tensor, state: ZipCacheState, slot_pos: Tensor, positions: Tensor,
