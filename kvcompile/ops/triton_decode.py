@@ -204,6 +204,16 @@ def _choose_splits(n_slots: int, programs_per_split: int, block_n: int, sms: int
     return max(1, min(wanted, most, _MAX_SPLITS))
 
 
+def _split_plan(n_slots: int, programs_per_split: int, block_n: int, device, num_splits=None) -> tuple[int, int]:
+    """(splits, chunk_len) for `n_slots` slots: `num_splits` (default `_choose_splits`), each chunk whole blocks so
+    only the last has a ragged tail; rounding up may leave fewer non-empty chunks than asked for, and empty
+    programs are not launched."""
+    n = max(n_slots, 1)
+    splits = num_splits or _choose_splits(n, programs_per_split, block_n, _num_sms(device))
+    chunk_len = block_n * max(1, triton.cdiv(triton.cdiv(n, splits), block_n))
+    return max(1, triton.cdiv(n, chunk_len)), chunk_len
+
+
 def decode_attention_triton(
     q: torch.Tensor,
     q_sink: torch.Tensor | None,
@@ -243,11 +253,7 @@ def decode_attention_triton(
     BLOCK_D = triton.next_power_of_2(D)
     BLOCK_G = max(16, triton.next_power_of_2(G))  # tl.dot needs M >= 16
     BLOCK_N, num_warps, num_stages = _launch_config(BLOCK_D, k_cache.element_size())
-    splits = num_splits or _choose_splits(N, B * Hkv, BLOCK_N, _num_sms(q.device))
-    # Chunks are whole blocks so only the last one has a ragged tail; rounding up may leave
-    # fewer non-empty chunks than asked for, and empty programs are not launched.
-    chunk_len = BLOCK_N * max(1, triton.cdiv(triton.cdiv(N, splits), BLOCK_N))
-    splits = max(1, triton.cdiv(N, chunk_len))
+    splits, chunk_len = _split_plan(N, B * Hkv, BLOCK_N, q.device, num_splits)
 
     # One allocation for all partials keeps the host-side cost of a call low.
     ws = torch.empty(B * Hq * splits * (D + 2), device=q.device, dtype=torch.float32)

@@ -42,7 +42,7 @@ from torch import Tensor
 
 from kvcompile.ops.quantization import MixedPrecisionPlanes, ZipCacheState
 from kvcompile.ops.dependent_launch import dependent_launch, nvidia_native
-from kvcompile.ops.triton_decode import _LOG2E, _MAX_SPLITS, _choose_splits, _num_sms, merge_splits
+from kvcompile.ops.triton_decode import _LOG2E, _MAX_SPLITS, _num_sms, _split_plan, merge_splits
 from kvcompile.ops.triton_support import require_triton, tl, triton
 
 __all__ = ["quant_decode_attention_triton"]
@@ -575,9 +575,7 @@ def quant_decode_attention_triton(q: Tensor, state: ZipCacheState, slot_pos: Ten
         )
     else:
         BLOCK_N = _block_slots(BLOCK_D)
-        splits = num_splits or _choose_splits(N, B * Hkv, BLOCK_N, _num_sms(q.device))
-        chunk_len = BLOCK_N * max(1, triton.cdiv(triton.cdiv(N, splits), BLOCK_N))
-        splits = max(1, triton.cdiv(N, chunk_len))
+        splits, chunk_len = _split_plan(N, B * Hkv, BLOCK_N, q.device, num_splits)
         ws = torch.empty(B * Hq * splits * (D + 2), device=q.device, dtype=torch.float32)
         _quant_decode_split_kernel[(B, Hkv, splits)](
             q, *_planes_args(state.keys), *_planes_args(state.values),

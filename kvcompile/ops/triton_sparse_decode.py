@@ -25,7 +25,7 @@ import torch
 from torch import Tensor
 
 from kvcompile.ops.dependent_launch import dependent_launch
-from kvcompile.ops.triton_decode import _LOG2E, _choose_splits, _launch_config, _num_sms, merge_splits
+from kvcompile.ops.triton_decode import _LOG2E, _launch_config, _split_plan, merge_splits
 from kvcompile.ops.triton_support import require_triton, tl, triton
 
 __all__ = ["decode_over_slots", "group_mass", "select_decode_step", "sparse_decode_step"]
@@ -173,9 +173,7 @@ def decode_over_slots(q: Tensor, q_sink: Optional[Tensor], k_new: Tensor, v_new:
     BLOCK_D = triton.next_power_of_2(D)
     BLOCK_G = max(16, triton.next_power_of_2(G))
     BLOCK_N, num_warps, num_stages = _launch_config(BLOCK_D, k_cache.element_size())
-    splits = num_splits or _choose_splits(max(M, 1), B * Hkv, BLOCK_N, _num_sms(q.device))
-    chunk_len = BLOCK_N * max(1, triton.cdiv(triton.cdiv(max(M, 1), splits), BLOCK_N))
-    splits = max(1, triton.cdiv(max(M, 1), chunk_len))
+    splits, chunk_len = _split_plan(M, B * Hkv, BLOCK_N, q.device, num_splits)
     ws = torch.empty(B * Hq * splits * (D + 2) if compute_out else 1, device=q.device, dtype=torch.float32)
     qs = q if q_sink is None else q_sink
     idx = indices if indices is not None else slot_pos  # any tensor; unused when not gathering
