@@ -50,8 +50,9 @@ class OptimizedModel(runtime.Runner):
                     f"prompt plus new tokens need {max_len} cache positions but max_cache_len="
                     f"{self.max_cache_len}; shorten the prompt or max_new_tokens, or optimize() with a larger "
                     "max_cache_len (or a streaming pass, whose cache does not grow).")
-            batch, max_len = self.max_batch_size or batch, self.max_cache_len
-        self.state.allocate(batch, max_len, self.device)
+            max_len = self.max_cache_len
+        # A pinned batch size pins the cache's rows too: run_step pads smaller batches to it.
+        self.state.allocate(self.max_batch_size or batch, max_len, self.device)
         for hook in self.hooks:
             hook.reset()
 

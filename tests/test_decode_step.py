@@ -67,6 +67,15 @@ def test_decode_stream_matches_reference(layout, with_qsink):
             torch.testing.assert_close(fast, ref, atol=0, rtol=0, msg=f"cache after step {step}")
 
 
+def test_caches_of_another_row_count_are_rejected_before_any_write():
+    cache = empty_cache(B + 1, 10)
+    before = clone_all(cache)
+    q, _, k, v = token(torch.Generator().manual_seed(1))
+    with pytest.raises(ValueError, match=f"caches of the query's {B} rows"):
+        decode.decode_step(q, None, k, v, *cache, torch.zeros(B, 1, dtype=torch.long), 0, 0, 0.2)
+    assert all(torch.equal(t, b) for t, b in zip(cache, before))
+
+
 def test_half_precision_cache_with_float_query():
     """Queries in another dtype than the cache are cast for the kernel; the result has the query's dtype."""
     gen = torch.Generator().manual_seed(2)

@@ -15,7 +15,7 @@ def model():
 
 
 def test_unknown_pass_lists_the_available_ones(model):
-    with pytest.raises(kvcompile.PassError, match=r"unknown pass 'nope'.*streamingllm \(StreamingLLM \(arXiv"):
+    with pytest.raises(kvcompile.PassError, match=r"unknown pass 'nope'.*streamingllm: StreamingLLM \(arXiv"):
         kvcompile.optimize(model, ["nope"])
 
 

@@ -1,4 +1,5 @@
 """The generate loop: transformers-compatible outputs, sampling, eos, streamer."""
+import pytest
 import torch
 
 import kvcompile
@@ -60,10 +61,12 @@ def test_streamer_receives_prompt_then_each_token():
     assert [int(c) for c in recorder.chunks[1:]] == out[0, 5:].tolist()
 
 
-def test_smaller_batch_than_pinned_is_padded():
-    """A cache pinned for 3 rows serves 1 or 2 rows (padded to the pinned shape) as an unpinned one does."""
+@pytest.mark.parametrize("max_cache_len", [32, None], ids=["length-pinned", "rows-only"])
+def test_smaller_batch_than_pinned_is_padded(max_cache_len):
+    """A cache pinned for 3 rows serves 1 or 2 rows (padded to the pinned shape) as an unpinned one does, with or
+    without a pinned length."""
     model = tiny_hf_model("llama")
-    pinned = kvcompile.optimize(model, prefill_chunk=4, max_cache_len=32, max_batch_size=3)
+    pinned = kvcompile.optimize(model, prefill_chunk=4, max_cache_len=max_cache_len, max_batch_size=3)
     free = kvcompile.optimize(model, prefill_chunk=4)
     for rows in (1, 2):
         ids = torch.randint(1, VOCAB, (rows, 6), generator=torch.Generator().manual_seed(rows))

@@ -88,6 +88,9 @@ def decode_step(q: Tensor, q_sink: Optional[Tensor], k: Tensor, v: Tensor, k_cac
     batch, q_heads, seq, head_dim = q.shape
     if seq != 1:
         raise ValueError(f"decode_step takes one new token per row, got {seq}")
+    if not k_cache.shape[0] == v_cache.shape[0] == slot_pos.shape[0] == batch:
+        raise ValueError(f"decode_step needs caches of the query's {batch} rows, got {k_cache.shape[0]}, "
+                         f"{v_cache.shape[0]} and {slot_pos.shape[0]}")
     q_pos = positions.reshape(batch).contiguous()
     write_token(k, v, k_cache, v_cache, slot_pos, q_pos, sink_tokens, window_tokens)
 

@@ -84,7 +84,7 @@ def from_spec(spec: str) -> Pass:
     name, _, options = spec.partition(":")
     cls = _REGISTRY.get(name.strip().lower())
     if cls is None:
-        listing = ", ".join(f"{n} ({_REGISTRY[n].paper})" if _REGISTRY[n].paper else n for n in available())
+        listing = "; ".join(f"{n}: {_REGISTRY[n].paper}" if _REGISTRY[n].paper else n for n in available())
         raise PassError(f"unknown pass {name!r}; available passes: {listing}. Pass a name or a configured object "
                         "such as kvcompile.passes.StreamingLLM(window_tokens=1020).")
     kwargs = {}
