@@ -72,6 +72,15 @@ if triton is not None:
         tl.store(WS + n_rows * (D + 1) + ws_row, l_i, mask=g_mask)
 
     @triton.jit
+    def _visible(pos, qp, sink_tokens, window_tokens, WINDOWED: tl.constexpr):
+        """Which slots holding positions `pos` a query at position `qp` sees (`cached_attention`'s rule):
+        `0 <= pos <= qp` and, with a window, a sink or inside the window."""
+        visible = (pos >= 0) & (pos <= qp)
+        if WINDOWED:
+            visible = visible & ((pos < sink_tokens) | (pos > qp - window_tokens))
+        return visible
+
+    @triton.jit
     def _decode_split_kernel(
         Q, QS, K, V, POS, QPOS, WS,
         stride_qb, stride_qh, stride_qd,
@@ -111,9 +120,7 @@ if triton is not None:
             offs_n = n0 + tl.arange(0, BLOCK_N)
             pos = tl.load(POS + b * stride_pb + offs_n * stride_pn, mask=offs_n < end, other=-1)
             is_sink = pos < sink_tokens
-            vis = (pos >= 0) & (pos <= qp)
-            if WINDOWED:
-                vis = vis & (is_sink | (pos > qp - window_tokens))
+            vis = _visible(pos, qp, sink_tokens, window_tokens, WINDOWED)
             # Loads masked by visibility: empty or out-of-window slots cost no bandwidth.
             kv_mask = vis[:, None] & d_mask[None, :]
             k = tl.load(k_base + offs_n[:, None] * stride_kn, mask=kv_mask, other=0.0)

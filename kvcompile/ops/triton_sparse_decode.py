@@ -33,7 +33,7 @@ __all__ = ["decode_over_slots", "group_mass", "select_decode_step", "sparse_deco
 
 if triton is not None:
     from kvcompile.ops.dependent_launch import wait_for_producers
-    from kvcompile.ops.triton_decode import _query_group, _softmax_step, _store_partials
+    from kvcompile.ops.triton_decode import _query_group, _softmax_step, _store_partials, _visible
 
     @triton.jit
     def _slots_split_kernel(
@@ -98,9 +98,7 @@ if triton is not None:
                 slot = offs_n.to(tl.int64)
             pos = tl.load(POS + b * stride_pb + slot * stride_pn, mask=in_range, other=-1)
             is_sink = pos < sink_tokens
-            vis = (pos >= 0) & (pos <= qp)
-            if WINDOWED:
-                vis = vis & (is_sink | (pos > qp - window_tokens))
+            vis = _visible(pos, qp, sink_tokens, window_tokens, WINDOWED)
             kv_mask = vis[:, None] & d_mask[None, :]
             k = tl.load(k_base + slot[:, None] * stride_kn, mask=kv_mask, other=0.0)
             s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION)

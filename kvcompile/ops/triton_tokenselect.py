@@ -37,6 +37,7 @@ _OUT_BLOCK = 1024  # read-set entries per (row, block) program
 
 if triton is not None:
     from kvcompile.ops.dependent_launch import wait_for_producers
+    from kvcompile.ops.triton_decode import _visible
 
     @triton.jit
     def _chunk_slots(POS, QPOS, b, chunk, stride_pb, stride_pn, N, sink_tokens, window_tokens, init_tokens,
@@ -51,9 +52,7 @@ if triton is not None:
     @triton.jit
     def _visibility(pos, qp, sink_tokens, window_tokens, init_tokens, local_tokens, WINDOWED: tl.constexpr):
         """(visible, pinned) for slots holding positions `pos`, seen from query position `qp`."""
-        visible = (pos >= 0) & (pos <= qp)
-        if WINDOWED:
-            visible = visible & ((pos < sink_tokens) | (pos > qp - window_tokens))
+        visible = _visible(pos, qp, sink_tokens, window_tokens, WINDOWED)
         return visible, visible & ((pos < init_tokens) | (pos > qp - local_tokens))
 
     @triton.jit
@@ -147,9 +146,10 @@ if triton is not None:
             chosen, valid = _choice(POS, FRESH, SELECTED, b, block * BLOCK + lanes, reuse, refresh, qp, stride_pb,
                                     stride_pn, top_k, scratch, sink_tokens, window_tokens, init_tokens,
                                     local_tokens, WINDOWED)
-            rank = tl.sum(listed_counts, 0) + before + tl.cumsum(valid.to(tl.int32), 0) - 1
+            n_listed = tl.sum(listed_counts, 0)
+            rank = n_listed + before + tl.cumsum(valid.to(tl.int32), 0) - 1
             offs = block * BLOCK + lanes
-            tail = (offs >= tl.sum(listed_counts, 0) + total) & (offs < num_selected)
+            tail = (offs >= n_listed + total) & (offs < num_selected)
             for h in range(KV_HEADS):
                 tl.store(out + h * num_selected + rank, chosen, mask=valid & (rank < num_selected))
                 tl.store(out + h * num_selected + offs, tl.full([BLOCK], scratch, tl.int64), mask=tail)
