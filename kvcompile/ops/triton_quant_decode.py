@@ -167,17 +167,10 @@ if triton is not None:
         _store_partials(WS, acc, m_i, l_i, b, heads, split, offs_d, q_mask, g_mask, G, D)
 
     @triton.jit
-    def _plane_operand(DATA, row, used, q, BITS: tl.constexpr, W: tl.constexpr, OFFSET: tl.constexpr,
-                       BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
-        """Rows `row` (int32) of one head's plane (`DATA` at its row 0, `W` elements a row) as a dot operand of
-        q's dtype [BLOCK_N, BLOCK_D] in head-dim order: `OFFSET + code`, or the stored values of a 16-bit plane;
-        zeros where not `used` and past the head dim. Each packed byte is loaded once (contiguous loads) and
-        split with joins; `OFFSET + code` is made by setting exponent bits where `OFFSET` is 128 (bfloat16) or
-        1024 (float16), else converted."""
-        if BITS == 16:
-            offs = tl.arange(0, BLOCK_D)
-            return tl.load(DATA + row[:, None] * W + offs[None, :], mask=used[:, None] & (offs < W)[None, :],
-                           other=0.0)
+    def _joined_codes(DATA, row, used, q, BITS: tl.constexpr, W: tl.constexpr, OFFSET: tl.constexpr,
+                      BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
+        """`OFFSET + code` of a packed plane's rows in head-dim order, for `_plane_operand`: each byte loaded once
+        and split with joins."""
         offs = tl.arange(0, BLOCK_D * BITS // 8)
         x = tl.load(DATA + row[:, None] * W + offs[None, :], mask=used[:, None] & (offs < W)[None, :], other=0)
         # Code j of a byte is bits [j * BITS, (j + 1) * BITS). A join appends an axis that becomes the lowest
@@ -199,6 +192,23 @@ if triton is not None:
             tile = (tile | 0x6400).to(tl.int16).to(tl.float16, bitcast=True)  # 0x6400 is 1024.0
         else:
             tile = tile.to(tl.float32).to(q.dtype)
+        return tile
+
+    @triton.jit
+    def _plane_operand(DATA, row, used, q, BITS: tl.constexpr, W: tl.constexpr, OFFSET: tl.constexpr,
+                       BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
+        """Rows `row` (int32) of one head's plane (`DATA` at its row 0, `W` elements a row) as a dot operand of
+        q's dtype [BLOCK_N, BLOCK_D] in head-dim order: `OFFSET + code`, or the stored values of a 16-bit plane;
+        zeros where not `used` and past the head dim. Each packed byte is loaded once (contiguous loads) and
+        split with joins; `OFFSET + code` is made by setting exponent bits where `OFFSET` is 128 (bfloat16) or
+        1024 (float16), else converted."""
+        # if/else, not an early return: Triton compiles the code after a return in a constexpr branch too.
+        if BITS == 16:
+            offs = tl.arange(0, BLOCK_D)
+            tile = tl.load(DATA + row[:, None] * W + offs[None, :], mask=used[:, None] & (offs < W)[None, :],
+                           other=0.0)
+        else:
+            tile = _joined_codes(DATA, row, used, q, BITS, W, OFFSET, BLOCK_N, BLOCK_D)
         return tile
 
     @triton.jit
@@ -267,16 +277,18 @@ if triton is not None:
         if PTX:
             shift = tl.full(raw.shape, SHIFT, tl.int32)
             if BITS == 4:
-                return _code_at(raw, shift, _NIBBLE_PTX)
+                codes = _code_at(raw, shift, _NIBBLE_PTX)
             else:
-                return _code_at(raw, shift, _CRUMB_PTX)
-        c = (raw.to(tl.int32) >> SHIFT) & ((1 << BITS) - 1)
-        if OFFSET == 128:
-            return (c | 0x4300).to(tl.int16).to(tl.bfloat16, bitcast=True)
-        elif OFFSET == 1024:
-            return (c | 0x6400).to(tl.int16).to(tl.float16, bitcast=True)
+                codes = _code_at(raw, shift, _CRUMB_PTX)
         else:
-            return c.to(tl.float32).to(dtype)
+            c = (raw.to(tl.int32) >> SHIFT) & ((1 << BITS) - 1)
+            if OFFSET == 128:
+                codes = (c | 0x4300).to(tl.int16).to(tl.bfloat16, bitcast=True)
+            elif OFFSET == 1024:
+                codes = (c | 0x6400).to(tl.int16).to(tl.float16, bitcast=True)
+            else:
+                codes = c.to(tl.float32).to(dtype)
+        return codes
 
     @triton.jit
     def _unzip(t, PER: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_W: tl.constexpr):
