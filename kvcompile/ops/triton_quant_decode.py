@@ -12,13 +12,14 @@ anywhere. Two pass-1 kernels:
   planes (`_split_plane_pass`) the tile of packed bytes is not unpacked into head-dim order at all: code j of
   byte i is head dim `PER * i + j` (`PER = 8 // bits`), so q and the accumulator are split by head dim modulo
   PER once per pass and each code position gets its own dot, its codes made elementwise from the loaded bytes
-  (on the GPU in PTX, two codes per instruction). On the H100 (bf16, batch 8, 8 KV heads, 32 query heads,
-  head 128, 32k slots, 4/2 bits, 221 MB of state) one read takes 0.231 ms, against 0.273 ms when the bytes were
-  split with joins into head-dim order and 1.55 ms for the slot-walking kernel (one-off microbenchmarks in CUDA
-  graphs); reading the state once at the 3 TB/s a device copy reaches would take 0.074 ms. The time follows the
-  number of codes more than their bytes (2/2 bits 0.227 ms, 4/4 bits 0.253 ms): per-code work, not bandwidth,
-  is the limit. Other bit widths (and heads too narrow for a dot per code position) take `_plane_pass`, which
-  splits the bytes with joins.
+  (on the GPU in PTX, two codes per instruction). Each program is one warp, so the softmax reductions over a
+  tile's rows stay within it, and each tile's scales and zeros are loaded a tile ahead (`_row_params`). On an
+  H200 (bf16, batch 8, 8 KV heads, 32 query heads, head 128, 32k slots, 4/2 bits, 221 MB of state) one read
+  takes 0.152 ms against 0.228 ms for four-warp programs that loaded the scales in the tile (one-off sweep in
+  CUDA graphs, `_block_rows`). On the H100 the four-warp read took 0.231 ms, against 0.273 ms when the bytes
+  were split with joins into head-dim order and 1.55 ms for the slot-walking kernel; reading the state once at
+  the 3 TB/s a device copy reaches there would take 0.074 ms. Other bit widths (and heads too narrow for a dot
+  per code position) take `_plane_pass`, which splits the bytes with joins.
 - Gathered read (`_quant_decode_split_kernel`, `indices` given): for each slot the program finds where it
   lives — high plane, low plane (row from the salient bit words and their ranks) or the full-precision buffer —
   loads only those packed bytes and its row's scale and zero, and dequantizes `(code * scale + zero) * channel`.
@@ -212,6 +213,17 @@ if triton is not None:
         return tile
 
     @triton.jit
+    def _row_params(KS, KZ, VS, VZ, row, end):
+        """Key and value scales and zeros (float32, zeros past `end`) of plane rows `row`. The plane passes load
+        a tile's ahead of it, in the tile before: the pipeliner stages only loads that feed a dot, so loaded in
+        the tile itself they would wait out a memory round trip twice a tile."""
+        used = row < end
+        return (tl.load(KS + row, mask=used, other=0.0).to(tl.float32),
+                tl.load(KZ + row, mask=used, other=0.0).to(tl.float32),
+                tl.load(VS + row, mask=used, other=0.0).to(tl.float32),
+                tl.load(VZ + row, mask=used, other=0.0).to(tl.float32))
+
+    @triton.jit
     def _plane_pass(q, q_sum, m_i, l_i, acc, KD, KS, KZ, VD, VS, VZ, start, end, qk_scale,
                     BITS: tl.constexpr, W: tl.constexpr, OFFSET: tl.constexpr, BLOCK_N: tl.constexpr,
                     BLOCK_D: tl.constexpr, DOT_PRECISION: tl.constexpr):
@@ -220,14 +232,16 @@ if triton is not None:
         channels later. Codes enter the dots as `OFFSET + code` (`_plane_operand`); a row's scale and zero apply
         to its score, `q . (code * scale + zero) = scale * (q . (OFFSET + code)) + (zero - OFFSET * scale) *
         sum(q)`, and likewise to its probability weight `w = p * scale` (rounded as the dot sees it)."""
+        if BITS != 16:
+            k_scale, k_zero, v_scale, v_zero = _row_params(KS, KZ, VS, VZ, start + tl.arange(0, BLOCK_N), end)
         for r0 in range(start, end, BLOCK_N):
             row = r0 + tl.arange(0, BLOCK_N)
             used = row < end
+            if BITS != 16:
+                next_params = _row_params(KS, KZ, VS, VZ, row + BLOCK_N, end)
             k = _plane_operand(KD, row, used, q, BITS, W, OFFSET, BLOCK_N, BLOCK_D)
             s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION)
             if BITS != 16:
-                k_scale = tl.load(KS + row, mask=used, other=0.0).to(tl.float32)
-                k_zero = tl.load(KZ + row, mask=used, other=0.0).to(tl.float32)
                 s = s * k_scale[None, :] + q_sum[:, None] * (k_zero - OFFSET * k_scale)[None, :]
             m_i, l_i, p, alpha = _softmax_step(tl.where(used[None, :], s * qk_scale, float("-inf")), m_i, l_i)
             v = _plane_operand(VD, row, used, q, BITS, W, OFFSET, BLOCK_N, BLOCK_D)
@@ -235,10 +249,9 @@ if triton is not None:
             if BITS == 16:
                 w = p.to(q.dtype)
             else:
-                v_scale = tl.load(VS + row, mask=used, other=0.0).to(tl.float32)
-                v_zero = tl.load(VZ + row, mask=used, other=0.0).to(tl.float32)
                 w = (p * v_scale[None, :]).to(q.dtype)
                 acc += (tl.sum(p * v_zero[None, :], 1) - OFFSET * tl.sum(w.to(tl.float32), 1))[:, None]
+                k_scale, k_zero, v_scale, v_zero = next_params
             acc += tl.dot(w, v, input_precision=DOT_PRECISION)
         return m_i, l_i, acc
 
@@ -324,9 +337,11 @@ if triton is not None:
         a0, a1, a2, a3 = _unzip(acc, PER, BLOCK_G, BLOCK_W)
         offs_w = tl.arange(0, BLOCK_W)
         w_mask = offs_w < W
+        k_scale, k_zero, v_scale, v_zero = _row_params(KS, KZ, VS, VZ, start + tl.arange(0, BLOCK_N), end)
         for r0 in range(start, end, BLOCK_N):
             row = r0 + tl.arange(0, BLOCK_N)
             used = row < end
+            next_params = _row_params(KS, KZ, VS, VZ, row + BLOCK_N, end)
             mask = used[:, None] & w_mask[None, :]
             x = tl.load(KD + row[:, None] * W + offs_w[None, :], mask=mask, other=0)
             s = tl.dot(q0, tl.trans(_codes(x, 0, BITS, OFFSET, q.dtype, PTX)), input_precision=DOT_PRECISION)
@@ -334,14 +349,11 @@ if triton is not None:
             if PER == 4:
                 s = tl.dot(q2, tl.trans(_codes(x, 4, BITS, OFFSET, q.dtype, PTX)), s, input_precision=DOT_PRECISION)
                 s = tl.dot(q3, tl.trans(_codes(x, 6, BITS, OFFSET, q.dtype, PTX)), s, input_precision=DOT_PRECISION)
-            k_scale = tl.load(KS + row, mask=used, other=0.0).to(tl.float32)
-            k_zero = tl.load(KZ + row, mask=used, other=0.0).to(tl.float32)
             s = s * k_scale[None, :] + q_sum[:, None] * (k_zero - OFFSET * k_scale)[None, :]
             m_i, l_i, p, alpha = _softmax_step(tl.where(used[None, :], s * qk_scale, float("-inf")), m_i, l_i)
-            v_scale = tl.load(VS + row, mask=used, other=0.0).to(tl.float32)
-            v_zero = tl.load(VZ + row, mask=used, other=0.0).to(tl.float32)
             w = (p * v_scale[None, :]).to(q.dtype)
             shift = (tl.sum(p * v_zero[None, :], 1) - OFFSET * tl.sum(w.to(tl.float32), 1))[:, None]
+            k_scale, k_zero, v_scale, v_zero = next_params
             y = tl.load(VD + row[:, None] * W + offs_w[None, :], mask=mask, other=0)
             a0 = tl.dot(w, _codes(y, 0, BITS, OFFSET, q.dtype, PTX), a0 * alpha[:, None] + shift,
                         input_precision=DOT_PRECISION)
@@ -458,19 +470,18 @@ def _block_slots(block_d: int) -> int:
 
 
 def _block_rows(block_d: int) -> int:
-    """Plane rows per tile of the dense kernel: 64 at head dim 128 (8K elements a tile), fewer for wider heads.
-    On the H100 (bf16, batch 8, 8 KV heads, 32 query heads, head 128, 32k slots, 4/2 bits), for the read that
-    joined codes into head-dim order: 64 rows took 0.285 ms, 128 rows 0.318 ms, and 8 warps 0.43 ms (not
-    re-swept for `_split_plane_pass`)."""
-    return max(16, min(64, 8192 // block_d))
+    """Plane rows per tile of the dense kernel, whose programs are one warp: 32 at head dim 128 (4K elements a
+    tile), fewer for wider heads. In a sweep on an H200 (bf16, batch 8, 8 KV heads, 32 query heads, head 128,
+    32k slots, 4/2 bits; CUDA graphs), one warp over 32 rows and 2 stages took 0.152 ms against 0.228 ms for
+    four warps over 64 rows: with four warps the softmax reductions cross warps through shared memory and
+    barriers several times a tile. 16 rows took 0.165-0.197 ms, 64 rows 0.211 ms, 3 stages 0.172 ms, two warps
+    0.213 ms; at batch 1, 0.031 against 0.039 ms."""
+    return max(16, min(32, 4096 // block_d))
 
 
 def _dense_splits(rows: int, programs_per_split: int, block_n: int, sms: int) -> int:
-    """Splits of the dense read: about `_DENSE_PROGRAMS_PER_SM` programs per SM, each over >= 2 tiles.
-
-    Four programs fit an H100 SM at once (128 registers a thread), and several waves hide the tail: at the
-    size above (the joined read), 4 splits (256 programs) took 0.40 ms and 16, 32 or 64 splits 0.283 to 0.288
-    ms."""
+    """Splits of the dense read: about `_DENSE_PROGRAMS_PER_SM` programs per SM, each over >= 2 tiles. Twice as
+    many splits took 0.166 instead of 0.152 ms in the sweep of `_block_rows`."""
     wanted = triton.cdiv(_DENSE_PROGRAMS_PER_SM * sms, programs_per_split)
     return max(1, min(wanted, triton.cdiv(rows, 2 * block_n), _MAX_SPLITS))
 
@@ -583,7 +594,7 @@ def quant_decode_attention_triton(q: Tensor, state: ZipCacheState, slot_pos: Ten
             HIGH_PTX=_ptx_unpack(q, state.keys.high.bits), LOW_PTX=_ptx_unpack(q, state.keys.low.bits),
             HIGH_SPLIT=_split_by_code(BLOCK_D, state.keys.high.bits),
             LOW_SPLIT=_split_by_code(BLOCK_D, state.keys.low.bits), PDL=pdl, **common,
-            num_warps=4, num_stages=2, launch_pdl=pdl,
+            num_warps=1, num_stages=2, launch_pdl=pdl,
         )
     else:
         BLOCK_N = _block_slots(BLOCK_D)
