@@ -200,23 +200,25 @@ def _launch_config(block_d: int, elem_size: int) -> tuple[int, int, int]:
     return block_n, 4, 2
 
 
-def _choose_splits(n_slots: int, programs_per_split: int, block_n: int, sms: int) -> int:
-    """Splits so that pass 1 runs at most ~2 programs per SM, each over >= 2 blocks of slots.
+def _choose_splits(n_slots: int, programs_per_split: int, block_n: int, sms: int,
+                   programs_per_sm: int = _PROGRAMS_PER_SM) -> int:
+    """Splits so that pass 1 runs at most ~`programs_per_sm` programs per SM, each over >= 2 blocks of slots.
 
-    On an H100, where the 128 KB of pipelined K/V tiles let one program reside per SM, this
-    beat both fewer splits (idle SMs) and more (a ragged last wave, more workspace traffic).
+    On an H100, where the 128 KB of pipelined K/V tiles let one four-warp program reside per SM, 2 beat both
+    fewer splits (idle SMs) and more (a ragged last wave, more workspace traffic).
     """
-    wanted = (_PROGRAMS_PER_SM * sms) // max(programs_per_split, 1)
+    wanted = (programs_per_sm * sms) // max(programs_per_split, 1)
     most = math.ceil(n_slots / (_MIN_BLOCKS_PER_SPLIT * block_n))
     return max(1, min(wanted, most, _MAX_SPLITS))
 
 
-def _split_plan(n_slots: int, programs_per_split: int, block_n: int, device, num_splits=None) -> tuple[int, int]:
+def _split_plan(n_slots: int, programs_per_split: int, block_n: int, device, num_splits=None,
+                programs_per_sm: int = _PROGRAMS_PER_SM) -> tuple[int, int]:
     """(splits, chunk_len) for `n_slots` slots: `num_splits` (default `_choose_splits`), each chunk whole blocks so
     only the last has a ragged tail; rounding up may leave fewer non-empty chunks than asked for, and empty
     programs are not launched."""
     n = max(n_slots, 1)
-    splits = num_splits or _choose_splits(n, programs_per_split, block_n, _num_sms(device))
+    splits = num_splits or _choose_splits(n, programs_per_split, block_n, _num_sms(device), programs_per_sm)
     chunk_len = block_n * max(1, triton.cdiv(triton.cdiv(n, splits), block_n))
     return max(1, triton.cdiv(n, chunk_len)), chunk_len
 
