@@ -196,7 +196,11 @@ def test_tokenselect_fast_path_matches_definition_with_the_selection_cache(monke
         query = q if step < 2 else torch.randn_like(q)
         keys = k_cache if step == 0 else torch.randn(k_cache.shape, generator=gen)
         at = torch.where(positions >= 0, positions + step, positions)
-        if step == 1:  # the lowest stored slot of rows 0-1 now holds the query's position: pinned, one too many
+        if step == 1:
+            # Rows 0-1 now cache the previous query's token, and their lowest stored slot holds the query's own
+            # position: both pinned, one more than the budget plans for, so the kernels compact the choice.
+            free = torch.stack([(slot_pos[b, :-1] == -1).nonzero()[0, 0] for b in range(2)])
+            slot_pos[torch.arange(2), free] = at[:2, 0] - 1
             slot_pos[torch.arange(2), states[1][1][:2].min(-1).values] = at[:2, 0]
         fast = tokenselect_step(query, fingerprint if step < 2 else query, keys, slot_pos, at, *states[0], *args)
         ref = tokenselect_choice(query, fingerprint if step < 2 else query, keys, slot_pos, at, *states[1], *args)

@@ -12,8 +12,9 @@
    then per block of slots every head's probability summed), and their top-k (`kvcompile.ops.triton_topk`).
 5. `_assemble_kernel`, the read set of every KV head: one program per (row, chunk) lists the chunk's pinned slots
    (every visible one in a row that reads them all) after those of the chunks before it; one per (row, block)
-   places that block of the choice (the stored one or the fresh one, without entries that are no longer visible
-   candidates) after them, and scratch past the end; a fresh choice is stored.
+   places that block of the choice (the stored one or the fresh one) after them, entry j at place j with scratch
+   for entries that are no longer visible candidates, and scratch past the end; a fresh choice is stored. Only
+   when the whole choice would not fit (a stored slot that became pinned) are the valid entries compacted.
 
 The definition (`sparse_attention.tokenselect_choice`) builds the read set from masks with a second top-k; the
 kernels give the same slots in another order (attention does not depend on it). Nothing syncs with the host, so
@@ -127,31 +128,40 @@ if triton is not None:
                 for h in range(KV_HEADS):
                     tl.store(out + h * num_selected + rank, slots.to(tl.int64), mask=listed & (rank < num_selected))
         else:
-            # Block i of the choice goes after the listed slots and the valid choices of the blocks before it
-            # (an entry that is no longer a visible candidate is dropped, as the definition drops it); block i of
-            # the read set gets scratch past them all.
             block = program - chunks
             lanes = tl.arange(0, BLOCK)
+            offs = block * BLOCK + lanes
             reuse = tl.load(FLAGS + b * 2 + lanes * 0) != 0  # the row's flags, in every lane
             refresh = tl.load(FLAGS + b * 2 + 1 + lanes * 0) != 0
             qp = tl.load(QPOS + b)
-            before = 0
-            total = 0
-            for first in range(0, top_k, BLOCK):
-                _, valid = _choice(POS, FRESH, SELECTED, b, first + lanes, reuse, refresh, qp, stride_pb, stride_pn,
-                                   top_k, scratch, sink_tokens, window_tokens, init_tokens, local_tokens, WINDOWED)
-                count = tl.sum(valid.to(tl.int32), 0)
-                before += tl.where(first < block * BLOCK, count, 0)
-                total += count
-            chosen, valid = _choice(POS, FRESH, SELECTED, b, block * BLOCK + lanes, reuse, refresh, qp, stride_pb,
-                                    stride_pn, top_k, scratch, sink_tokens, window_tokens, init_tokens,
-                                    local_tokens, WINDOWED)
+            chosen, valid = _choice(POS, FRESH, SELECTED, b, offs, reuse, refresh, qp, stride_pb, stride_pn, top_k,
+                                    scratch, sink_tokens, window_tokens, init_tokens, local_tokens, WINDOWED)
             n_listed = tl.sum(listed_counts, 0)
-            rank = n_listed + before + tl.cumsum(valid.to(tl.int32), 0) - 1
-            offs = block * BLOCK + lanes
-            tail = (offs >= n_listed + total) & (offs < num_selected)
+            if n_listed + top_k <= num_selected:
+                # The whole choice fits (every step but a rare one): entry j goes to n_listed + j, scratch where it
+                # is not a valid choice; the same slots as compacting them, without counting earlier blocks.
+                rank = n_listed + offs
+                entry = tl.where(valid, chosen, scratch)
+                placed = offs < top_k
+                tail = (offs >= n_listed + top_k) & (offs < num_selected)
+            else:
+                # Block i goes after the listed slots and the valid choices of the blocks before it (an entry that
+                # is no longer a visible candidate is dropped, as the definition drops it); scratch past them all.
+                before = 0
+                total = 0
+                for first in range(0, top_k, BLOCK):
+                    _, counted = _choice(POS, FRESH, SELECTED, b, first + lanes, reuse, refresh, qp, stride_pb,
+                                         stride_pn, top_k, scratch, sink_tokens, window_tokens, init_tokens,
+                                         local_tokens, WINDOWED)
+                    count = tl.sum(counted.to(tl.int32), 0)
+                    before += tl.where(first < block * BLOCK, count, 0)
+                    total += count
+                rank = n_listed + before + tl.cumsum(valid.to(tl.int32), 0) - 1
+                entry = chosen
+                placed = valid & (rank < num_selected)
+                tail = (offs >= n_listed + total) & (offs < num_selected)
             for h in range(KV_HEADS):
-                tl.store(out + h * num_selected + rank, chosen, mask=valid & (rank < num_selected))
+                tl.store(out + h * num_selected + rank, entry, mask=placed)
                 tl.store(out + h * num_selected + offs, tl.full([BLOCK], scratch, tl.int64), mask=tail)
             if tl.load(FLAGS + b * 2 + 1) != 0:  # a fresh choice: store it
                 keep = offs < top_k
