@@ -159,10 +159,10 @@ def test_gathered_scores_for_selection():
 @pytest.mark.parametrize("num_splits", [1, 3, 7])
 def test_splits_and_log_sum_exp(monkeypatch, block_rows, num_splits):
     """Dense read split over rows: with 16-row tiles the salient rows (100, 52, 60, 0) and the others (66, 34,
-    40, 0) span several tiles and splits, and 7 splits leave some programs no plane rows; the default 64-row
-    tiles hold a plane in one or two, so most splits take a whole plane or none. The log-sum-exp merges them."""
+    40, 0) span several tiles and splits, and 7 splits leave some programs no plane rows; the default 32-row
+    tiles hold a plane in a few, so most splits take a whole plane or none. The log-sum-exp merges them."""
     if block_rows:
-        monkeypatch.setattr(triton_quant_decode, "_block_rows", lambda block_d: block_rows)
+        monkeypatch.setattr(triton_quant_decode, "_dense_launch", lambda block_d: (block_rows, 1))
     q, state, slot_pos, q_pos, scale = _make_case(seed=9)
     assert _salient_slots(state).tolist() == [100, 52, 60, 0]
     out, lse = quant_decode_attention_triton(q, state, slot_pos, q_pos, scale, num_splits=num_splits,

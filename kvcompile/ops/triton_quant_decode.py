@@ -12,14 +12,15 @@ anywhere. Two pass-1 kernels:
   planes (`_split_plane_pass`) the tile of packed bytes is not unpacked into head-dim order at all: code j of
   byte i is head dim `PER * i + j` (`PER = 8 // bits`), so q and the accumulator are split by head dim modulo
   PER once per pass and each code position gets its own dot, its codes made elementwise from the loaded bytes
-  (on the GPU in PTX, two codes per instruction). Each program is one warp, so the softmax reductions over a
-  tile's rows stay within it, and each tile's scales and zeros are loaded a tile ahead (`_row_params`). On an
-  H200 (bf16, batch 8, 8 KV heads, 32 query heads, head 128, 32k slots, 4/2 bits, 221 MB of state) one read
-  takes 0.152 ms against 0.228 ms for four-warp programs that loaded the scales in the tile (one-off sweep in
-  CUDA graphs, `_block_rows`). On the H100 the four-warp read took 0.231 ms, against 0.273 ms when the bytes
-  were split with joins into head-dim order and 1.55 ms for the slot-walking kernel; reading the state once at
-  the 3 TB/s a device copy reaches there would take 0.074 ms. Other bit widths (and heads too narrow for a dot
-  per code position) take `_plane_pass`, which splits the bytes with joins.
+  (on the GPU in PTX, two codes per instruction). Up to head dim 128 each program is one warp, so the softmax
+  reductions over a tile's rows stay within it; each tile's scales and zeros are loaded a tile ahead
+  (`_row_params`). On an H200 (bf16, batch 8, 8 KV heads, 32 query heads, head 128, 32k slots, 4/2 bits, 221 MB
+  of state) one read takes 0.152 ms against 0.228 ms for four-warp programs that loaded the scales in the tile
+  (one-off sweep in CUDA graphs, `_dense_launch`); on the H100, 0.151 ms inside the step (profiled), against
+  0.231 ms for the four-warp read, 0.273 ms when the bytes were split with joins into head-dim order and 1.55 ms
+  for the slot-walking kernel. Reading the state once at the 3 TB/s a device copy reaches there would take
+  0.074 ms. Other bit widths (and heads too narrow for a dot per code position) take `_plane_pass`, which splits
+  the bytes with joins.
 - Gathered read (`_quant_decode_split_kernel`, `indices` given): for each slot the program finds where it
   lives — high plane, low plane (row from the salient bit words and their ranks) or the full-precision buffer —
   loads only those packed bytes and its row's scale and zero, and dequantizes `(code * scale + zero) * channel`.
@@ -215,8 +216,8 @@ if triton is not None:
     @triton.jit
     def _row_params(KS, KZ, VS, VZ, row, end):
         """Key and value scales and zeros (float32, zeros past `end`) of plane rows `row`. The plane passes load
-        a tile's ahead of it, in the tile before: the pipeliner stages only loads that feed a dot, so loaded in
-        the tile itself they would wait out a memory round trip twice a tile."""
+        each tile's during the tile before it: Triton's pipeliner stages only loads that feed a dot, so loaded
+        in their own tile they would wait out a memory round trip twice a tile."""
         used = row < end
         return (tl.load(KS + row, mask=used, other=0.0).to(tl.float32),
                 tl.load(KZ + row, mask=used, other=0.0).to(tl.float32),
@@ -469,19 +470,23 @@ def _block_slots(block_d: int) -> int:
     return max(16, min(128, 16384 // block_d))
 
 
-def _block_rows(block_d: int) -> int:
-    """Plane rows per tile of the dense kernel, whose programs are one warp: 32 at head dim 128 (4K elements a
-    tile), fewer for wider heads. In a sweep on an H200 (bf16, batch 8, 8 KV heads, 32 query heads, head 128,
-    32k slots, 4/2 bits; CUDA graphs), one warp over 32 rows and 2 stages took 0.152 ms against 0.228 ms for
-    four warps over 64 rows: with four warps the softmax reductions cross warps through shared memory and
-    barriers several times a tile. 16 rows took 0.165-0.197 ms, 64 rows 0.211 ms, 3 stages 0.172 ms, two warps
-    0.213 ms; at batch 1, 0.031 against 0.039 ms."""
-    return max(16, min(32, 4096 // block_d))
+def _dense_launch(block_d: int) -> tuple[int, int]:
+    """(plane rows per tile, warps) of the dense kernel: one warp over 32 rows up to head dim 128, four warps over
+    64 rows (fewer for wider heads) beyond, whose accumulator would not fit one warp's registers. In a sweep on an
+    H200 (bf16, batch 8, 8 KV heads, 32 query heads, head 128, 32k slots, 4/2 bits; CUDA graphs), one warp over
+    32 rows and 2 stages took 0.152 ms against 0.228 ms for four warps over 64 rows: with four warps the softmax
+    reductions over a tile's rows cross warps through shared memory and barriers several times a tile. 16 rows
+    took 0.165-0.197 ms, 64 rows 0.211 ms, 3 stages 0.172 ms, two warps 0.213 ms; at batch 1, 0.031 against
+    0.041 ms."""
+    if block_d <= 128:
+        return 32, 1
+    return max(16, 8192 // block_d), 4
 
 
 def _dense_splits(rows: int, programs_per_split: int, block_n: int, sms: int) -> int:
-    """Splits of the dense read: about `_DENSE_PROGRAMS_PER_SM` programs per SM, each over >= 2 tiles. Twice as
-    many splits took 0.166 instead of 0.152 ms in the sweep of `_block_rows`."""
+    """Splits of the dense read: about `_DENSE_PROGRAMS_PER_SM` programs per SM, each over >= 2 tiles. Several
+    waves of programs hide the last one's tail; with one-warp programs, twice as many splits took 0.166 instead
+    of 0.152 ms in the sweep of `_dense_launch`."""
     wanted = triton.cdiv(_DENSE_PROGRAMS_PER_SM * sms, programs_per_split)
     return max(1, min(wanted, triton.cdiv(rows, 2 * block_n), _MAX_SPLITS))
 
@@ -580,7 +585,7 @@ def quant_decode_attention_triton(q: Tensor, state: ZipCacheState, slot_pos: Ten
             state.key_buffer.shape[2])
     pdl = dependent_launch(q)
     if indices is None:
-        BLOCK_N = _block_rows(BLOCK_D)
+        BLOCK_N, num_warps = _dense_launch(BLOCK_D)
         # Each program finds its share of the rows itself (the counts stay on the device).
         splits = num_splits or _dense_splits(N, B * Hkv, BLOCK_N, _num_sms(q.device))
         ws = torch.empty(B * Hq * splits * (D + 2), device=q.device, dtype=torch.float32)
@@ -594,7 +599,7 @@ def quant_decode_attention_triton(q: Tensor, state: ZipCacheState, slot_pos: Ten
             HIGH_PTX=_ptx_unpack(q, state.keys.high.bits), LOW_PTX=_ptx_unpack(q, state.keys.low.bits),
             HIGH_SPLIT=_split_by_code(BLOCK_D, state.keys.high.bits),
             LOW_SPLIT=_split_by_code(BLOCK_D, state.keys.low.bits), PDL=pdl, **common,
-            num_warps=1, num_stages=2, launch_pdl=pdl,
+            num_warps=num_warps, num_stages=2, launch_pdl=pdl,
         )
     else:
         BLOCK_N = _block_slots(BLOCK_D)

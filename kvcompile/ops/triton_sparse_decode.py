@@ -139,21 +139,24 @@ if triton is not None:
                  mask=n_mask)
 
 
+_ONE_WARP_ROW_BYTES = 256  # a bf16 key row at head dim 128, the shape the one-warp launch was swept at
+
+
 def _slots_launch_config(block_d: int, elem_size: int, gathered: bool, compute_out: bool, programs_per_split: int,
                          sms: int):
     """(BLOCK_N, num_warps, num_stages, programs per SM) of `decode_over_slots`.
 
-    Gathered reads run one-warp programs, 8 per SM, over 32 slots a block at bf16 head dim 128; so do score-only
-    full reads (64 slots a block) where the split cap leaves room for 8 programs per SM. Other reads take the
-    dense decode's four-warp launch. In a sweep on an H200 (8B shape, CUDA graphs), one-warp programs read
-    2,049 gathered slots per KV head in 24.0 against 25.3 µs at batch 8 (7.0 against 7.6 µs at batch 1) and
-    scored 32k slots in 138 against 161 µs at batch 8; at batch 1 (8 programs a split, at most 64 splits)
-    scoring took 24.4 against 22.4 µs, and full reads with outputs were no faster (269 µs either way at batch 8).
+    For key rows of at most `_ONE_WARP_ROW_BYTES`, gathered reads run one-warp programs, 8 per SM, over 32 slots
+    a block; so do score-only full reads (64 slots a block) where the split cap leaves room for 8 programs per SM.
+    Other reads, and wider rows (whose tiles would not fit one warp's registers), take the dense decode's
+    four-warp launch. In a sweep on an H200 (8B shape, CUDA graphs), one-warp programs read 2,049 gathered slots
+    per KV head in 24.0 against 25.3 µs at batch 8 (7.0 against 7.6 µs at batch 1) and scored 32k slots in 138
+    against 161 µs at batch 8; at batch 1 (8 programs a split, at most 64 splits) scoring took 24.4 against
+    22.4 µs, and full reads with outputs were no faster (269 µs either way at batch 8).
     """
-    one_warp = gathered or (not compute_out and programs_per_split * _MAX_SPLITS >= 8 * sms)
-    if one_warp:
-        rows = 32 if gathered else 64
-        return max(16, min(rows, rows * 256 // (block_d * elem_size))), 1, 2, 8
+    narrow = block_d * elem_size <= _ONE_WARP_ROW_BYTES
+    if narrow and (gathered or (not compute_out and programs_per_split * _MAX_SPLITS >= 8 * sms)):
+        return (32 if gathered else 64), 1, 2, 8
     return (*_launch_config(block_d, elem_size), _PROGRAMS_PER_SM)
 
 

@@ -14,7 +14,8 @@
    (every visible one in a row that reads them all) after those of the chunks before it; one per (row, block)
    places that block of the choice (the stored one or the fresh one) after them, entry j at place j with scratch
    for entries that are no longer visible candidates, and scratch past the end; a fresh choice is stored. Only
-   when the whole choice would not fit (a stored slot that became pinned) are the valid entries compacted.
+   when the whole choice would not fit (more slots pinned than the budget plans for, as when a cached slot
+   holds the query's own position) are the valid entries compacted.
 
 The definition (`sparse_attention.tokenselect_choice`) builds the read set from masks with a second top-k; the
 kernels give the same slots in another order (attention does not depend on it). Nothing syncs with the host, so
