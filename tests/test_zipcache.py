@@ -2,6 +2,7 @@
 the CUDA decode route (Triton kernel, interpreted) against the definition, Inductor, packed memory against bf16,
 and `tidaldecode` reading the quantized store."""
 import contextlib
+import dataclasses
 
 import pytest
 import torch
@@ -91,6 +92,30 @@ def test_cuda_route_matches_definition(deep, monkeypatch):
     monkeypatch.setattr(quantization, "_fused_quantize", lambda keys, state: True)  # triton_quantize's kernels
     real = mask.bool()
     assert rel_err(opt(ids, mask)[real], definition[real]) < 1e-5
+
+
+def test_buffer_write_kernel_matches_definition(monkeypatch):
+    """The decode token's store as one Triton launch (`decode.write_token` with the buffer's row base, interpreted)
+    against the PyTorch gathers and scatters: a row within its buffer, one past it (clamped to the last row) and a
+    padding row over a filled buffer, which must keep its rows."""
+    gen = torch.Generator().manual_seed(0)
+    state = quantization.empty_state(3, 2, 16, 40, streaming_gap=5, dtype=torch.float32)
+    state.quantized.copy_(torch.tensor([20, 0, 10]))
+    state.key_buffer.copy_(torch.randn(state.key_buffer.shape, generator=gen))
+    state.value_buffer.copy_(torch.randn(state.value_buffer.shape, generator=gen))
+    slot_pos = torch.full((3, 41), -1, dtype=torch.long)
+    positions = torch.tensor([[22], [12], [-1]])
+    k, v = torch.randn(2, 3, 2, 1, 16, generator=gen)
+    stored = []
+    for use_kernel in (False, True):
+        monkeypatch.setattr(zipcache_attention, "_use_kernel", lambda q, use=use_kernel: use)
+        copy = dataclasses.replace(state, key_buffer=state.key_buffer.clone(),
+                                   value_buffer=state.value_buffer.clone())
+        slots = slot_pos.clone()
+        zipcache_attention._store_token(copy, slots, k, v, positions)
+        stored.append((copy.key_buffer, copy.value_buffer, slots))
+    assert all(torch.equal(a, b) for a, b in zip(*stored))
+    assert torch.equal(stored[1][0][2], state.key_buffer[2])  # the padding row stored nothing
 
 
 class _RecordedGraph:

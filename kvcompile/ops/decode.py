@@ -23,16 +23,19 @@ if triton is not None:
 
     @triton.jit
     def _write_token_kernel(
-        K, V, KC, VC, POS, SLOT_POS,
+        K, V, KC, VC, POS, SLOT_POS, ROW_BASE,
         stride_kb, stride_kh, stride_kd,
         stride_vb, stride_vh, stride_vd,
         stride_cb, stride_ch, stride_cn, stride_cd,
         stride_wb, stride_wh, stride_wn, stride_wd,
         stride_pb, stride_sb, stride_sn,
-        scratch, sink_tokens, window_tokens,
-        D: tl.constexpr, BLOCK_D: tl.constexpr, WINDOWED: tl.constexpr, PDL: tl.constexpr,
+        scratch, sink_tokens, window_tokens, rows,
+        D: tl.constexpr, BLOCK_D: tl.constexpr, WINDOWED: tl.constexpr, HAS_ROW_BASE: tl.constexpr,
+        PDL: tl.constexpr,
     ):
-        """Store the new key/value of one (row, kv head) in its slot; kv head 0 also stores the position."""
+        """Store the new key/value of one (row, kv head) in its slot (or, with HAS_ROW_BASE, in buffer row
+        `position - ROW_BASE[b]`, clamped to [0, rows), padding storing none); kv head 0 also stores the
+        position."""
         wait_for_producers(PDL)
         b = tl.program_id(0).to(tl.int64)
         h = tl.program_id(1).to(tl.int64)
@@ -47,11 +50,16 @@ if triton is not None:
 
         offs = tl.arange(0, BLOCK_D)
         mask = offs < D
+        if HAS_ROW_BASE:
+            row = tl.minimum(tl.maximum(p - tl.load(ROW_BASE + b).to(tl.int64), 0), rows - 1)
+            mask = mask & (offs * 0 + p >= 0)  # a block-shaped condition (the interpreter rejects a scalar one)
+        else:
+            row = slot
         k = tl.load(K + b * stride_kb + h * stride_kh + offs * stride_kd, mask=mask)
         v = tl.load(V + b * stride_vb + h * stride_vh + offs * stride_vd, mask=mask)
-        tl.store(KC + b * stride_cb + h * stride_ch + slot * stride_cn + offs * stride_cd,
+        tl.store(KC + b * stride_cb + h * stride_ch + row * stride_cn + offs * stride_cd,
                  k.to(KC.dtype.element_ty), mask=mask)
-        tl.store(VC + b * stride_wb + h * stride_wh + slot * stride_wn + offs * stride_wd,
+        tl.store(VC + b * stride_wb + h * stride_wh + row * stride_wn + offs * stride_wd,
                  v.to(VC.dtype.element_ty), mask=mask)
         if h == 0:
             kept = tl.where(slot == scratch, -1, p)
@@ -60,20 +68,22 @@ if triton is not None:
 
 
 def write_token(k: Tensor, v: Tensor, k_cache: Tensor, v_cache: Tensor, slot_pos: Tensor, positions: Tensor,
-                sink_tokens: int, window_tokens: int) -> None:
+                sink_tokens: int, window_tokens: int, row_base: Optional[Tensor] = None) -> None:
     """Store one new token per row (`k`, `v` [B, Hkv, 1, D], `positions` [B]) in place, like
-    `cached_attention.write_cache`, in one Triton launch."""
+    `cached_attention.write_cache`, in one Triton launch. With `row_base` [B] the caches are buffers (ZipCache's
+    full-precision rows, `window_tokens` 0): position p goes to row `p - row_base`, clamped to the buffer, and
+    padding rows store no key or value; `slot_pos` is written as for a dense cache."""
     require_triton("write_token")
     batch, kv_heads, _, head_dim = k.shape
     k3, v3 = k[:, :, 0], v[:, :, 0]
     pdl = dependent_launch(k3)
     _write_token_kernel[(batch, kv_heads)](
-        k3, v3, k_cache, v_cache, positions, slot_pos,
+        k3, v3, k_cache, v_cache, positions, slot_pos, positions if row_base is None else row_base,
         *k3.stride(), *v3.stride(), *k_cache.stride(), *v_cache.stride(),
         positions.stride(0), *slot_pos.stride(),
-        slot_pos.shape[1] - 1, sink_tokens, max(window_tokens, 1),
-        D=head_dim, BLOCK_D=triton.next_power_of_2(head_dim), WINDOWED=window_tokens > 0, PDL=pdl,
-        num_warps=1, launch_pdl=pdl,
+        slot_pos.shape[1] - 1, sink_tokens, max(window_tokens, 1), k_cache.shape[2],
+        D=head_dim, BLOCK_D=triton.next_power_of_2(head_dim), WINDOWED=window_tokens > 0,
+        HAS_ROW_BASE=row_base is not None, PDL=pdl, num_warps=1, launch_pdl=pdl,
     )
 
 

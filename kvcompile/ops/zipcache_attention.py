@@ -31,6 +31,7 @@ from torch import Tensor
 
 from kvcompile.ops import kernel_switch
 from kvcompile.ops.cached_attention import cache_slots
+from kvcompile.ops.decode import write_token
 from kvcompile.ops.quantization import (ZipCacheState, dequantize_state, normalized_attention_saliency, probe_count,
                                         probe_queries, quantize_into, salient_allowance, select_salient, state_of)
 from kvcompile.ops.sparse_attention import (attend_per_head, gather_slots, select_by_attention, slot_positions,
@@ -67,14 +68,19 @@ def _store_positions(slot_pos: Tensor, positions: Tensor) -> None:
 
 
 def _store_token(state: ZipCacheState, slot_pos: Tensor, k: Tensor, v: Tensor, positions: Tensor) -> None:
-    """Put the decode token k, v [B, Hkv, 1, D] in buffer row `position - quantized` (padding rows store none)."""
+    """Put the decode token k, v [B, Hkv, 1, D] in buffer row `position - quantized` (padding rows store none):
+    one Triton launch (`decode.write_token`) where `_use_kernel` allows it, else PyTorch gathers and scatters."""
     pos = positions[:, 0]
-    row = (pos - state.quantized).clamp(0, state.key_buffer.shape[2] - 1)
-    index = row[:, None, None, None].expand(k.shape)
-    padding = (pos < 0)[:, None, None, None]
-    for buffer, x in ((state.key_buffer, k), (state.value_buffer, v)):
-        buffer.scatter_(2, index, torch.where(padding, buffer.gather(2, index), x.to(buffer.dtype)))
-    _store_positions(slot_pos, positions)
+    if _use_kernel(k):
+        write_token(k, v, state.key_buffer, state.value_buffer, slot_pos, pos.contiguous(), 0, 0,
+                    row_base=state.quantized)
+    else:
+        row = (pos - state.quantized).clamp(0, state.key_buffer.shape[2] - 1)
+        index = row[:, None, None, None].expand(k.shape)
+        padding = (pos < 0)[:, None, None, None]
+        for buffer, x in ((state.key_buffer, k), (state.value_buffer, v)):
+            buffer.scatter_(2, index, torch.where(padding, buffer.gather(2, index), x.to(buffer.dtype)))
+        _store_positions(slot_pos, positions)
 
 
 @dataclass(frozen=True)
