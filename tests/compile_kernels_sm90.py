@@ -9,8 +9,10 @@ functions of `kvcompile.ops` that no entry point launched, and the failures.
 """
 from __future__ import annotations
 
+import importlib
 import json
 import os
+import pkgutil
 import sys
 
 os.environ["TRITON_INTERPRET"] = "0"  # before triton is imported
@@ -38,7 +40,9 @@ def _compile_instead_of_launch(self, *args, grid, warmup, **kwargs):
 
 JITFunction.run = _compile_instead_of_launch
 
+import kvcompile.ops  # noqa: E402
 from kvcompile.ops import dependent_launch  # noqa: E402
+from kvcompile.ops.decode import decode_step, write_token  # noqa: E402
 from kvcompile.ops.quantization import empty_state  # noqa: E402
 from kvcompile.ops.skinny_linear import skinny_gated_linear_triton, skinny_linear_triton  # noqa: E402
 from kvcompile.ops.triton_decode import decode_attention_triton  # noqa: E402
@@ -62,13 +66,16 @@ B, HKV, G, N = 2, 2, 4, 100
 HQ = HKV * G
 
 
-def _positions(n=N):
-    return torch.arange(n)[None].expand(B, -1).contiguous(), torch.full((B,), n - 2)
+def _positions(n=N, batch=B):
+    return torch.arange(n)[None].expand(batch, -1).contiguous(), torch.full((batch,), n - 2)
 
 
 def quant_decode():
-    for (high, low), dtype, dim in [((4, 2), torch.bfloat16, 128), ((8, 1), torch.float16, 64),
-                                    ((2, 16), torch.float32, 32), ((16, 16), torch.bfloat16, 64)]:
+    # bf16 4/2 bits: codes unpacked in PTX; fp16: the same split pass without it; then the joined and 16-bit planes;
+    # head dim 256: the four-warp launch.
+    cases = [((4, 2), torch.bfloat16, 128), ((4, 2), torch.float16, 128), ((8, 1), torch.float16, 64),
+             ((2, 16), torch.float32, 32), ((16, 16), torch.bfloat16, 64), ((4, 2), torch.bfloat16, 256)]
+    for (high, low), dtype, dim in cases:
         state = empty_state(B, HKV, dim, N, high_bits=high, low_bits=low, dtype=dtype)
         slot_pos, q_pos = _positions(N + 1)
         q = torch.randn(B, HQ, dim, dtype=dtype)
@@ -90,6 +97,10 @@ def dense_decode():
     q = torch.randn(B, HQ, 128, dtype=torch.bfloat16)
     decode_attention_triton(q, None, k, v, slot_pos, q_pos, 0, 0, 0.1)
     decode_attention_triton(q, q.clone(), k, v, slot_pos, q_pos, 4, 60, 0.1)
+    k_new, v_new = torch.randn(2, B, HKV, 1, 128, dtype=torch.bfloat16)
+    decode_step(q[:, :, None], None, k_new, v_new, k, v, slot_pos, q_pos, 4, 60, 0.1)
+    state = empty_state(B, HKV, 128, N)  # ZipCache's full-precision buffer rows
+    write_token(k_new, v_new, state.key_buffer, state.value_buffer, slot_pos, q_pos, 0, 0, row_base=state.quantized)
 
 
 def slot_reads():
@@ -105,6 +116,15 @@ def slot_reads():
                       compute_out=False, skip=torch.zeros(B, dtype=torch.int32))
     group_mass(scores, lse)
     topk_slots_triton(torch.randn(B, HKV, N), 10, N - 1)
+
+def wide_score_read():
+    """A score-only read with enough (row, KV head) pairs for its one-warp launch (8 programs per SM)."""
+    batch, kv_heads = 4, 8
+    slot_pos, q_pos = _positions(batch=batch)
+    k, v = torch.randn(2, batch, kv_heads, N, 128, dtype=torch.bfloat16)
+    k_new, v_new = torch.randn(2, batch, kv_heads, 128, dtype=torch.bfloat16)
+    q = torch.randn(batch, kv_heads * G, 128, dtype=torch.bfloat16)
+    decode_over_slots(q, None, k_new, v_new, k, v, slot_pos, q_pos, None, 0, 0, 0.1, scores=True, compute_out=False)
 
 
 def tokenselect():
@@ -123,12 +143,13 @@ def products():
 
 if __name__ == "__main__":
     _select_gpu_variants()
-    for entry in (quant_decode, quantize, dense_decode, slot_reads, tokenselect, products):
+    for entry in (quant_decode, quantize, dense_decode, slot_reads, wide_score_read, tokenselect, products):
         try:
             entry()
         except Exception as error:  # noqa: BLE001 - reported, and the test fails on it
             failures.append(f"{entry.__name__}: {type(error).__name__}: {error}")
-    kernels = {name for module_name, module in list(sys.modules.items()) if module_name.startswith("kvcompile.ops")
-               for name, value in vars(module).items() if isinstance(value, JITFunction) and name.endswith("_kernel")}
+    modules = [importlib.import_module(f"kvcompile.ops.{m.name}") for m in pkgutil.iter_modules(kvcompile.ops.__path__)]
+    kernels = {name for module in modules for name, value in vars(module).items()
+               if isinstance(value, JITFunction) and name.endswith("_kernel")}
     print(json.dumps({"compiled": sorted(compiled), "not_launched": sorted(kernels - compiled),
                       "failures": failures}))
