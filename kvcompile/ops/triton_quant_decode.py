@@ -44,12 +44,14 @@ from torch import Tensor
 
 from kvcompile.ops.quantization import MixedPrecisionPlanes, ZipCacheState
 from kvcompile.ops.dependent_launch import dependent_launch, nvidia_native
-from kvcompile.ops.triton_decode import _LOG2E, _MAX_SPLITS, _num_sms, _split_plan, merge_splits
+from kvcompile.ops.triton_decode import _LOG2E, _choose_splits, _num_sms, _split_plan, merge_splits
 from kvcompile.ops.triton_support import require_triton, tl, triton
 
 __all__ = ["quant_decode_attention_triton"]
 
-_DENSE_PROGRAMS_PER_SM = 16  # see `_dense_splits`
+# Programs per SM of the dense read (each over >= 2 tiles): several waves hide the last one's tail; with
+# one-warp programs, twice as many splits took 0.166 instead of 0.152 ms in the sweep of `_dense_launch`.
+_DENSE_PROGRAMS_PER_SM = 16
 
 
 if triton is not None:
@@ -483,14 +485,6 @@ def _dense_launch(block_d: int) -> tuple[int, int]:
     return max(16, 8192 // block_d), 4
 
 
-def _dense_splits(rows: int, programs_per_split: int, block_n: int, sms: int) -> int:
-    """Splits of the dense read: about `_DENSE_PROGRAMS_PER_SM` programs per SM, each over >= 2 tiles. Several
-    waves of programs hide the last one's tail; with one-warp programs, twice as many splits took 0.166 instead
-    of 0.152 ms in the sweep of `_dense_launch`."""
-    wanted = triton.cdiv(_DENSE_PROGRAMS_PER_SM * sms, programs_per_split)
-    return max(1, min(wanted, triton.cdiv(rows, 2 * block_n), _MAX_SPLITS))
-
-
 def _code_offset(dtype: torch.dtype, bits: int) -> int:
     """The `OFFSET` of `_plane_operand` for dots in `dtype` on `bits`-bit codes: 128 for bfloat16 (spacing 1 on
     [128, 256), so codes up to 7 bits), 1024 for float16 (spacing 1 on [1024, 2048)); else 0 (convert)."""
@@ -587,7 +581,7 @@ def quant_decode_attention_triton(q: Tensor, state: ZipCacheState, slot_pos: Ten
     if indices is None:
         BLOCK_N, num_warps = _dense_launch(BLOCK_D)
         # Each program finds its share of the rows itself (the counts stay on the device).
-        splits = num_splits or _dense_splits(N, B * Hkv, BLOCK_N, _num_sms(q.device))
+        splits = num_splits or _choose_splits(N, B * Hkv, BLOCK_N, _num_sms(q.device), _DENSE_PROGRAMS_PER_SM)
         ws = torch.empty(B * Hq * splits * (D + 2), device=q.device, dtype=torch.float32)
         _quant_decode_dense_kernel[(B, Hkv, splits)](
             q, *_planes_args(state.keys), *_planes_args(state.values),
